@@ -1,0 +1,472 @@
+"""The broker: one ROUTER socket between clients and workers.
+
+It keeps each job's queue of input batches, hands batches to executor slots that have credit and whose worker has
+room for the job's cpu/ram/gpu, forwards results and log lines to the job's client, re-queues the batches of a slot
+that died, and drops the jobs of clients that went silent. It never runs user code and never unpickles payloads.
+"""
+
+import collections
+import logging
+import os
+import signal
+import socket as pysocket
+import time
+
+import zmq
+
+from burla import protocol as P
+
+log = logging.getLogger("burla.broker")
+
+PREFETCH = 2  # batches a slot may hold: one running, one waiting, so a slot never idles on a round trip
+MAX_ATTEMPTS = 3  # runs of one batch before its inputs fail with WorkerDiedError
+FUNCTION_CACHE = 32  # functions a slot keeps; the executor uses the same size and the same LRU order
+
+
+class Batch:
+    __slots__ = ("header", "frames", "start", "n", "attempt")
+
+    def __init__(self, header, frames):
+        self.header, self.frames = header, frames
+        self.start, self.n, self.attempt = header["i"], header["n"], 0
+
+
+class Job:
+    def __init__(self, ident, header, function):
+        self.id = header["j"]
+        self.client = ident  # the client socket to send results to
+        self.client_id = header.get("c", b"")
+        self.function, self.digest = function, header["d"]
+        self.cpu = float(header.get("cpu", 1))
+        self.ram = float(header.get("ram", 0))
+        self.gpu = gpu_request(header.get("gpu"))
+        self.par = header.get("par")
+        self.queue = collections.deque()
+        self.slots = set()
+        self.started = time.time()
+        self.done = 0
+        self.sent = 0  # inputs the client has submitted so far
+
+
+class Worker:
+    def __init__(self, ident, header):
+        self.ident = ident
+        self.id = header["w"]
+        self.host = header.get("host", "?")
+        self.pid = header.get("pid")
+        self.nslots = int(header.get("slots", 1))
+        self.cpu = float(header.get("cpu", 1))
+        self.ram = float(header.get("ram", 0))
+        self.gpus = list(header.get("gpu") or [])
+        self.free_cpu, self.free_ram, self.free_gpus = self.cpu, self.ram, list(self.gpus)
+        self.slots = set()
+        self.last_seen = time.monotonic()
+
+    def could_fit(self, job):
+        return self.cpu >= job.cpu and self.ram >= job.ram and gpus_match(self.gpus, job.gpu)
+
+    def fits(self, job):
+        return self.free_cpu >= job.cpu and self.free_ram >= job.ram and gpus_match(self.free_gpus, job.gpu)
+
+
+class Slot:
+    def __init__(self, ident, worker_id, pid):
+        self.ident, self.worker_id, self.pid = ident, worker_id, pid
+        self.name = ident.decode(errors="replace")
+        self.job = None
+        self.claim = None  # (cpu, ram, gpus) held on the worker while bound to a job
+        self.inflight = collections.OrderedDict()  # (job id, start) -> (Job, Batch)
+        self.credit = PREFETCH
+        self.functions = collections.OrderedDict()  # digests this slot has cached, in LRU order
+
+
+def gpu_request(spec):
+    """None | count | "A100" | "A100:2" -> (type or None, count)."""
+    if spec in (None, 0, "", False):
+        return (None, 0)
+    if isinstance(spec, int):
+        return (None, spec)
+    name, _, count = str(spec).partition(":")
+    return (name or None, int(count or 1))
+
+
+def gpus_match(available, request):
+    kind, count = request
+    if kind is None:
+        return len(available) >= count
+    return sum(1 for g in available if g.lower() == kind.lower()) >= count
+
+
+class Broker:
+    def __init__(self, bind, parent_fd=None):
+        self.ctx = zmq.Context()
+        self.sock = P.socket(self.ctx, zmq.ROUTER)
+        self.sock.bind(bind)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.parent_fd = parent_fd
+        self.workers = {}  # worker id -> Worker
+        self.slots = {}  # slot identity -> Slot
+        self.jobs = {}  # job id -> Job
+        self.clients = {}  # client id -> last seen (monotonic)
+        self.order = collections.deque()  # job ids, rotated for fairness between jobs
+        self.dirty = False
+        self.running = True
+        self.handlers = {
+            P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_cancel,
+            P.STATUS: self.on_status, P.RESULT: self.on_result, P.LOG: self.on_log, P.READY: self.on_ready,
+            P.REGISTER: self.on_register, P.SLOT_DIED: self.on_slot_died, P.HEARTBEAT: self.on_heartbeat,
+        }
+
+    # ---------------------------------------------------------------- loop
+    def run(self):
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.parent_fd is not None:
+            poller.register(self.parent_fd, zmq.POLLIN)
+        next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
+        while self.running:
+            timeout = max(0.0, next_beat - time.monotonic())
+            events = dict(poller.poll(timeout * 1000))
+            if self.parent_fd is not None and self.parent_fd in events:
+                break  # the process that started us is gone (the pipe's write end closed)
+            if self.sock in events:
+                for _ in range(1000):  # drain, but let heartbeats through under a flood
+                    try:
+                        self.handle(*P.recv(self.sock, router=True))
+                    except zmq.Again:
+                        break
+                    except P.ProtocolError as e:
+                        log.warning("dropped a malformed message: %s", e)
+                    except Exception:
+                        log.exception("dropped a message that failed to handle")
+                    if not self.sock.poll(0):
+                        break
+            if self.dirty:
+                self.dispatch()
+            if time.monotonic() >= next_beat:
+                self.beat()
+                next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
+        self.sock.close(0)
+
+    def handle(self, ident, command, header, payload):
+        handler = self.handlers.get(command)
+        if handler is None:
+            raise P.ProtocolError(f"unknown command {command!r}")
+        handler(ident, header, payload)
+
+    def send(self, ident, command, header, payload=()):
+        """Send, reporting whether the peer is still connected (ROUTER_MANDATORY)."""
+        try:
+            P.send(self.sock, command, header, payload, ident=ident)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+
+    def forward(self, ident, command, raw_header, payload):
+        try:
+            self.sock.send_multipart([ident, b"", P.VERSION, command, raw_header, *payload], copy=False)
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+
+    # ---------------------------------------------------------------- clients
+    def on_submit(self, ident, h, payload):
+        if not payload:
+            raise P.ProtocolError("SUBMIT without a function")
+        job = Job(ident, h, payload[0])
+        self.clients[job.client_id] = time.monotonic()
+        if self.workers and not any(w.could_fit(job) for w in self.workers.values()):
+            self.send(ident, P.REJECTED, {"j": job.id, "e": self.no_fit_message(job)})
+            return
+        self.jobs[job.id] = job
+        self.order.append(job.id)
+        self.send(ident, P.ACCEPTED, {"j": job.id, "s": self.fitting_slots(job)})
+
+    def no_fit_message(self, job):
+        kind, count = job.gpu
+        want = f"func_cpu={job.cpu:g}, func_ram={job.ram:g}" + (f", func_gpu={kind or ''}:{count}" if count else "")
+        have = "; ".join(
+            f"{w.host} has {w.cpu:g} cpu, {w.ram:g} GB ram, {len(w.gpus)} gpu{' ' + ','.join(w.gpus) if w.gpus else ''}"
+            for w in self.workers.values())
+        return f"no worker in this cluster can ever run a call needing {want}: {have}"
+
+    def fitting_slots(self, job):
+        n = sum(len(w.slots) if w.could_fit(job) else 0 for w in self.workers.values())
+        return min(n, job.par) if job.par else n
+
+    def on_batch(self, ident, h, payload):
+        job = self.jobs.get(h.get("j"))
+        if job is None:
+            return  # cancelled or finished: the client will not wait for it
+        batch = Batch(h, payload)
+        job.queue.append(batch)
+        job.sent = max(job.sent, batch.start + batch.n)
+        self.dirty = True
+
+    def on_end(self, ident, h, payload):
+        self.drop_job(h.get("j"))
+
+    def on_cancel(self, ident, h, payload):
+        job = self.jobs.get(h.get("j"))
+        if job is not None and job.client == ident:
+            self.drop_job(job.id)
+
+    def drop_job(self, job_id):
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return
+        job.queue.clear()
+        for slot in list(job.slots):
+            # Running calls finish (stopping them is the worker's business); prefetched ones are dropped there.
+            self.send(slot.ident, P.CANCEL, {"j": job.id})
+            for key in [k for k in slot.inflight if k[0] == job.id]:
+                del slot.inflight[key]
+                slot.credit += 1
+            self.unbind(slot)
+        self.dirty = True
+
+    def on_heartbeat(self, ident, h, payload):
+        if "c" in h:
+            self.clients[h["c"]] = time.monotonic()
+        elif ident in self.slots:
+            pass
+        else:
+            worker = self.worker_by_ident(ident, h)
+            if worker is None:
+                self.send(ident, P.RECONNECT, {})
+            else:
+                worker.last_seen = time.monotonic()
+
+    def on_status(self, ident, h, payload):
+        self.send(ident, P.STATUS, self.state())
+
+    def state(self):
+        workers = [{
+            "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots),
+            "busy": sum(1 for s in w.slots if self.slots[s].job is not None),
+            "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus,
+        } for w in self.workers.values()]
+        jobs = [{
+            "id": j.id.hex(), "done": j.done, "submitted": j.sent, "queued": sum(b.n for b in j.queue),
+            "slots": len(j.slots), "elapsed": time.time() - j.started,
+        } for j in self.jobs.values()]
+        return {"workers": workers, "jobs": jobs}
+
+    # ---------------------------------------------------------------- workers
+    def worker_by_ident(self, ident, h):
+        worker = self.workers.get(h.get("w"))
+        return worker if worker is not None and worker.ident == ident else None
+
+    def on_register(self, ident, h, payload):
+        worker = Worker(ident, h)
+        old = self.workers.get(worker.id)
+        self.workers[worker.id] = worker
+        # Keep the slots it had (or whose READY came first) and what they hold.
+        for slot in self.slots.values():
+            if slot.worker_id == worker.id:
+                worker.slots.add(slot.ident)
+                if slot.claim is not None:
+                    cpu, ram, gpus = slot.claim
+                    worker.free_cpu -= cpu
+                    worker.free_ram -= ram
+                    for g in gpus:
+                        if g in worker.free_gpus:
+                            worker.free_gpus.remove(g)
+        self.send(ident, P.HEARTBEAT, {})
+        self.dirty = True
+        if old is None:
+            log.info("worker %s joined from %s with %d slots", worker.id, worker.host, worker.nslots)
+
+    def on_ready(self, ident, h, payload):
+        """An executor holds nothing and can take k batches: at start, after a restart, or after a rejoin."""
+        slot = self.slots.get(ident)
+        if slot is not None:
+            self.remove_slot(slot, "restarted" if slot.pid != h.get("pid") else "dropped its tasks")
+        slot = Slot(ident, h["w"], h.get("pid"))
+        slot.credit = int(h.get("k", PREFETCH))
+        self.slots[ident] = slot
+        worker = self.workers.get(slot.worker_id)
+        if worker is not None:
+            worker.slots.add(ident)
+        self.dirty = True
+
+    def on_slot_died(self, ident, h, payload):
+        slot = self.slots.get(h.get("s"))
+        if slot is not None and slot.worker_id == h.get("w"):
+            self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}")
+
+    def on_result(self, ident, h, payload, command=P.RESULT):
+        slot = self.slots.get(ident)
+        job = self.jobs.get(h.get("j"))
+        if slot is None:
+            self.send(ident, P.RECONNECT, {})
+        elif slot.inflight.pop((h.get("j"), h.get("i")), None) is not None:
+            slot.credit += 1
+            if job is None or not job.queue:
+                self.dirty = True
+        if job is not None:
+            job.done += h.get("k", 0)
+            self.forward(job.client, P.RESULT, P._pack(h), payload)
+
+    def on_log(self, ident, h, payload):
+        job = self.jobs.get(h.get("j"))
+        if job is not None:
+            self.forward(job.client, P.LOG, P._pack(h), payload)
+
+    def remove_slot(self, slot, why):
+        self.slots.pop(slot.ident, None)
+        worker = self.workers.get(slot.worker_id)
+        if worker is not None:
+            worker.slots.discard(slot.ident)
+        for job, batch in slot.inflight.values():
+            self.requeue(job, batch, why)
+        slot.inflight.clear()
+        self.unbind(slot)
+        self.dirty = True
+
+    def remove_worker(self, worker, why):
+        self.workers.pop(worker.id, None)
+        for ident in list(worker.slots):
+            slot = self.slots.get(ident)
+            if slot is not None:
+                self.remove_slot(slot, f"its worker {worker.id} {why}")
+        log.warning("worker %s removed: %s", worker.id, why)
+
+    def requeue(self, job, batch, why):
+        if self.jobs.get(job.id) is not job:
+            return
+        batch.attempt += 1
+        if batch.attempt < MAX_ATTEMPTS:
+            job.queue.appendleft(batch)
+            return
+        last = batch.start + batch.n - 1
+        error = {"i": batch.start, "type": "burla.WorkerDiedError", "tb": "", "input": "",
+                 "msg": f"inputs {batch.start}..{last} were being run {batch.attempt} times by a worker that died; "
+                        f"last time {why}"}
+        self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "n": batch.n, "k": 0, "e": error})
+
+    # ---------------------------------------------------------------- scheduling
+    def bind(self, slot, worker, job):
+        kind, count = job.gpu
+        gpus = [g for g in worker.free_gpus if kind is None or g.lower() == kind.lower()][:count]
+        for g in gpus:
+            worker.free_gpus.remove(g)
+        worker.free_cpu -= job.cpu
+        worker.free_ram -= job.ram
+        slot.claim = (job.cpu, job.ram, gpus)
+        slot.job = job
+        job.slots.add(slot)
+
+    def unbind(self, slot):
+        job = slot.job
+        if job is None:
+            return
+        job.slots.discard(slot)
+        slot.job = None
+        worker = self.workers.get(slot.worker_id)
+        if worker is not None and slot.claim is not None:
+            cpu, ram, gpus = slot.claim
+            worker.free_cpu += cpu
+            worker.free_ram += ram
+            worker.free_gpus.extend(gpus)
+        slot.claim = None
+
+    def pick_job(self, slot, worker):
+        for _ in range(len(self.order)):
+            job = self.jobs.get(self.order[0])
+            if job is None:
+                self.order.popleft()
+                continue
+            self.order.rotate(-1)
+            if job.queue and (not job.par or len(job.slots) < job.par) and worker.fits(job):
+                self.bind(slot, worker, job)
+                return job
+        return None
+
+    def dispatch(self):
+        """Give queued batches to slots with credit, one batch per slot per pass so that work spreads."""
+        self.dirty = False
+        if not self.jobs:
+            return
+        progress = True
+        while progress:
+            progress = False
+            for slot in list(self.slots.values()):
+                if slot.credit <= 0:
+                    continue
+                job = slot.job
+                if job is not None and not job.queue and not slot.inflight:
+                    self.unbind(slot)
+                    job = None
+                if job is None:
+                    worker = self.workers.get(slot.worker_id)
+                    if worker is None:
+                        continue
+                    job = self.pick_job(slot, worker)
+                if job is None or not job.queue:
+                    continue
+                self.send_task(slot, job, job.queue.popleft())
+                progress = True
+
+    def send_task(self, slot, job, batch):
+        header = dict(batch.header, d=job.digest)
+        payload = batch.frames
+        if job.digest in slot.functions:
+            slot.functions.move_to_end(job.digest)
+        else:
+            header["f"] = 1
+            payload = [job.function, *payload]
+            slot.functions[job.digest] = True
+            if len(slot.functions) > FUNCTION_CACHE:
+                slot.functions.popitem(last=False)
+        if not self.send(slot.ident, P.TASK, header, payload):
+            job.queue.appendleft(batch)
+            self.remove_slot(slot, "unreachable")
+            return
+        slot.inflight[(job.id, batch.start)] = (job, batch)
+        slot.credit -= 1
+
+    # ---------------------------------------------------------------- liveness
+    def beat(self):
+        now = time.monotonic()
+        deadline = now - P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS
+        for worker in list(self.workers.values()):
+            if worker.last_seen < deadline:
+                self.remove_worker(worker, "stopped sending heartbeats")
+            elif not self.send(worker.ident, P.HEARTBEAT, {}):
+                self.remove_worker(worker, "disconnected")
+        for client_id, seen in list(self.clients.items()):
+            if seen < deadline:
+                del self.clients[client_id]
+                for job in [j for j in self.jobs.values() if j.client_id == client_id]:
+                    log.warning("job %s cancelled: its client went silent", job.id.hex())
+                    self.drop_job(job.id)
+        for job in list(self.jobs.values()):
+            if not self.send(job.client, P.HEARTBEAT, {"j": job.id, "s": self.fitting_slots(job)}):
+                self.drop_job(job.id)
+        if self.dirty:
+            self.dispatch()
+
+
+def describe_exit(code):
+    if code is None:
+        return "an unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def main(bind, parent_fd=None):
+    logging.basicConfig(level=logging.WARNING, format="burla broker: %(message)s")
+    broker = Broker(bind, parent_fd)
+    host = pysocket.gethostname()
+    log.info("listening on %s (%s, pid %d)", broker.address, host, os.getpid())
+    try:
+        broker.run()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,13 @@
+"""Burla: run any Python function over many inputs on many machines at once.
+
+    from burla import remote_parallel_map
+    outputs = remote_parallel_map(my_function, my_inputs)
+"""
+
+from burla.client import remote_parallel_map
+from burla.errors import (BurlaError, ClusterConnectionError, NoCompatibleWorkerError, RemoteError,
+                          WorkerDiedError)
+
+__version__ = "0.1.0"
+__all__ = ["remote_parallel_map", "BurlaError", "ClusterConnectionError", "NoCompatibleWorkerError",
+           "RemoteError", "WorkerDiedError"]

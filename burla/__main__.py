@@ -1,0 +1,5 @@
+import sys
+
+from burla.cli import main
+
+sys.exit(main())

@@ -1,0 +1,308 @@
+"""remote_parallel_map: the client side of a job.
+
+The function is pickled once per job and sent with the submission. Inputs are pulled from the user's iterable
+lazily, in batches of consecutive indices, while the number of batches (and bytes) not yet answered stays under a
+window: that window is the client's credit, so memory stays flat whatever the number of inputs. Batch size adapts:
+one input per batch until the first results report how long a call takes, then as many as fill about
+TARGET_BATCH_SECONDS of work, and never so many that the last batches leave slots idle.
+"""
+
+import itertools
+import math
+import os
+import sys
+import threading
+import time
+
+import zmq
+
+from burla import config, errors, protocol as P, serialize
+
+TARGET_BATCH_SECONDS = 0.02
+MAX_BATCH_ITEMS = 65536
+MAX_BATCH_BYTES = 4 << 20
+MAX_OUTSTANDING_BYTES = 64 << 20
+SILENCE_LIMIT = P.HEARTBEAT_INTERVAL * (P.HEARTBEAT_LIVENESS + 1)  # a broker this quiet is gone
+
+_connections = {}
+_connections_lock = threading.Lock()
+
+
+class Connection:
+    """One per process and cluster: a ZeroMQ context, a pool of job sockets, and a heartbeat thread."""
+
+    def __init__(self, address):
+        self.address = address
+        self.ctx = zmq.Context()
+        self.client_id = os.urandom(8)
+        self.compress = not P.is_local(address)
+        self.idle = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.heartbeat, daemon=True, name="burla-heartbeat").start()
+
+    def socket(self):
+        with self.lock:
+            if self.idle:
+                return self.idle.pop()
+        sock = P.socket(self.ctx, zmq.DEALER)
+        sock.reconnect_ivl = 10  # the embedded broker may be a few ms from binding
+        sock.reconnect_ivl_max = 1000
+        sock.connect(self.address)
+        return sock
+
+    def release(self, sock):
+        with self.lock:
+            self.idle.append(sock)
+
+    def heartbeat(self):
+        sock = self.socket()
+        while True:
+            P.send(sock, P.HEARTBEAT, {"c": self.client_id})
+            time.sleep(P.HEARTBEAT_INTERVAL)
+
+
+def connection(cluster=None):
+    address = config.cluster_address(cluster)
+    if address == "local":
+        from burla import local
+
+        address = local.cluster().address
+    key = (os.getpid(), address)
+    with _connections_lock:
+        if key not in _connections:
+            _connections[key] = Connection(address)
+        return _connections[key]
+
+
+class Job:
+    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, progress):
+        try:
+            function_bytes, digest = serialize.dumps_function(function_)
+        except Exception as e:
+            raise TypeError(f"the function {getattr(function_, '__qualname__', function_)!r} could not be "
+                            f"pickled: {e}") from e
+        self.conn = conn
+        self.id = os.urandom(8)
+        self.inputs = iter(inputs)
+        self.total = len(inputs) if hasattr(inputs, "__len__") else None
+        self.sent = 0  # inputs sent so far; also the index of the next one
+        self.exhausted = False
+        self.outstanding = {}  # first index of a batch -> bytes, until its results arrive
+        self.outstanding_bytes = 0
+        self.slots = 0
+        self.per_call = None  # seconds one call takes, as measured by the workers
+        self.item_bytes = None
+        self.progress = progress
+        self.sock = conn.socket()
+        self.heard = time.monotonic()
+        header = {"j": self.id, "c": conn.client_id, "d": digest, "cpu": cpu, "ram": ram, "gpu": gpu,
+                  "par": parallelism}
+        P.send(self.sock, P.SUBMIT, header, [function_bytes])
+        self.closed = False
+
+    # ---------------------------------------------------------------- sending
+    def batch_size(self):
+        if self.per_call is None:
+            return 1  # until a result says how long a call takes, spread calls one per slot
+        n = TARGET_BATCH_SECONDS / max(self.per_call, 1e-8)
+        if self.item_bytes:
+            n = min(n, MAX_BATCH_BYTES / self.item_bytes)
+        if self.total is not None:  # leave several batches per slot for the end, so no slot idles long
+            n = min(n, math.ceil((self.total - self.sent) / (2 * max(self.slots, 1))))
+        return int(min(max(n, 1), MAX_BATCH_ITEMS))
+
+    def fill(self):
+        window = max(4, 2 * self.slots + 2)
+        while (not self.exhausted and len(self.outstanding) < window
+               and (self.outstanding_bytes < MAX_OUTSTANDING_BYTES or not self.outstanding)):
+            items = list(itertools.islice(self.inputs, self.batch_size()))
+            if not items:
+                self.exhausted = True
+                if self.progress:
+                    self.progress.total_known(self.sent)
+                break
+            self.send_batch(items)
+
+    def send_batch(self, items):
+        try:
+            flags, frames = serialize.pack(items, self.conn.compress)
+        except Exception:
+            for k, item in enumerate(items):
+                try:
+                    serialize.pack([item])
+                except Exception as e:
+                    raise TypeError(f"input {self.sent + k} could not be pickled ({type(item).__name__}): {e}") \
+                        from e
+            raise
+        size = sum(len(f) for f in frames)
+        P.send(self.sock, P.BATCH, {"j": self.id, "i": self.sent, "n": len(items), "z": flags}, frames)
+        self.outstanding[self.sent] = size
+        self.outstanding_bytes += size
+        item = size / len(items)
+        self.item_bytes = item if self.item_bytes is None else 0.5 * (self.item_bytes + item)
+        self.sent += len(items)
+
+    # ---------------------------------------------------------------- receiving
+    def batches(self):
+        """Yield (first index, results) for each batch as it completes; cancel the job if stopped early."""
+        try:
+            self.fill()
+            while self.outstanding or not self.exhausted:
+                if not self.sock.poll(250):
+                    if time.monotonic() - self.heard > SILENCE_LIMIT:
+                        raise errors.ClusterConnectionError(
+                            f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s")
+                    continue
+                while True:
+                    try:
+                        _, command, header, payload = P.recv(self.sock)
+                    except zmq.Again:
+                        break
+                    self.heard = time.monotonic()
+                    if header.get("j") != self.id:
+                        continue  # left over from an earlier job on this socket
+                    done = self.handle(command, header, payload)
+                    if done is not None:
+                        yield done
+                    if not self.sock.poll(0):
+                        break
+                self.fill()
+            self.close(P.END)
+        finally:
+            if not self.closed:
+                self.close(P.CANCEL)
+
+    def handle(self, command, header, payload):
+        if command == P.RESULT:
+            size = self.outstanding.pop(header["i"], None)
+            if size is None:
+                return None  # a batch that ran twice (its first worker was presumed dead): keep the first
+            self.outstanding_bytes -= size
+            if header.get("t") and header.get("k"):
+                call = header["t"] / header["k"]
+                self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
+            flags = header.get("z") or []
+            values = serialize.unpack(flags, payload[:len(flags)]) if flags else []
+            if self.progress:
+                self.progress.advance(len(values))
+            if "e" in header:
+                raise remote_exception(header["e"], payload[len(flags):])
+            return header["i"], values
+        if command == P.LOG:
+            write_lines(header["l"], self.progress)
+        elif command in (P.ACCEPTED, P.HEARTBEAT):
+            self.slots = header.get("s", self.slots)
+        elif command == P.REJECTED:
+            raise errors.NoCompatibleWorkerError(header["e"])
+        return None
+
+    def close(self, command):
+        self.closed = True
+        try:
+            P.send(self.sock, command, {"j": self.id})
+        except zmq.ZMQError:
+            return
+        self.conn.release(self.sock)
+        if self.progress:
+            self.progress.close()
+
+
+def write_lines(lines, progress):
+    out = "".join(text + "\n" for _, stream, text in lines if stream == 1)
+    err = "".join(text + "\n" for _, stream, text in lines if stream == 2)
+    if progress:
+        progress.clear()
+    if out:
+        sys.stdout.write(out)
+        sys.stdout.flush()
+    if err:
+        sys.stderr.write(err)
+        sys.stderr.flush()
+    if progress:
+        progress.refresh()
+
+
+def remote_exception(info, frames):
+    exc = None
+    if frames:
+        try:
+            exc = serialize.unpack(None, frames[:1])
+        except Exception:
+            exc = None
+    if info["type"] == "burla.WorkerDiedError":
+        exc = errors.WorkerDiedError(info["msg"])
+    elif not isinstance(exc, Exception):
+        # Not rebuildable here, or a BaseException such as SystemExit that must not end this process.
+        exc = errors.RemoteError(info["type"], info["msg"])
+    if info.get("tb"):
+        exc.__cause__ = errors.RemoteTraceback(info["tb"])
+    try:
+        exc.burla_input_index = info["i"]
+        exc.add_note(f"[burla] raised by the call on input {info['i']}: {info.get('input', '?')}")
+    except (AttributeError, TypeError):
+        pass
+    return exc
+
+
+def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None,
+                        generator=False, spinner=True, api_key=None, cluster=None, parallelism=None, verbose=None):
+    """Call function_(x) for every x in inputs, in parallel on the cluster's workers.
+
+    Returns the results as a list in input order, or with generator=True an iterator yielding them as they
+    complete. stdout/stderr of the calls stream here line by line. An exception in a call is re-raised here with
+    its remote traceback and the failing input's index as exc.burla_input_index; the rest of the job stops.
+
+    func_cpu / func_ram (GB) / func_gpu ("A100", "A100:2" or a count): what one call needs; calls only run
+    where that fits. max_parallelism caps concurrent calls (parallelism=-1 is the older spelling of no cap).
+    cluster: "tcp://HOST:PORT", "local", or None for $BURLA_CLUSTER / ~/.burla/config.toml / the embedded cluster.
+    """
+    if not callable(function_):
+        raise TypeError(f"function_ must be callable, not {type(function_).__name__}")
+    try:
+        iter(inputs)
+    except TypeError:
+        raise TypeError(f"inputs must be an iterable, not {type(inputs).__name__}") from None
+    for name, value in (("func_cpu", func_cpu), ("func_ram", func_ram)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, not {value!r}")
+    if func_gpu is not None and not (isinstance(func_gpu, (int, str)) and not isinstance(func_gpu, bool)):
+        raise ValueError(f"func_gpu must be None, a count or a GPU type like 'A100' or 'A100:2', not {func_gpu!r}")
+    if parallelism is not None:
+        if max_parallelism is not None and parallelism != max_parallelism:
+            raise ValueError("give max_parallelism or parallelism, not both")
+        max_parallelism = None if parallelism == -1 else parallelism
+    if max_parallelism is not None and (not isinstance(max_parallelism, int) or max_parallelism < 1):
+        raise ValueError(f"max_parallelism must be a positive integer or None, not {max_parallelism!r}")
+    if verbose is not None:
+        spinner = verbose
+    del api_key  # authentication arrives with the security work; accepted now so calls need not change
+
+    from burla.progress import Progress
+
+    conn = connection(cluster)
+    total = len(inputs) if hasattr(inputs, "__len__") else None
+    job = Job(conn, function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism,
+              Progress.create(spinner, total))
+    if generator:
+        return (value for _, values in job.batches() for value in values)
+    results = []
+    for start, values in job.batches():
+        end = start + len(values)
+        if len(results) < end:
+            results.extend([None] * (end - len(results)))
+        results[start:end] = values
+    return results
+
+
+def cluster_state(address, timeout=3.0):
+    """The broker's view of its workers and jobs (what `burla status` prints)."""
+    ctx = zmq.Context.instance()
+    sock = P.socket(ctx, zmq.DEALER)
+    sock.connect(address)
+    try:
+        P.send(sock, P.STATUS, {})
+        if not sock.poll(timeout * 1000):
+            raise TimeoutError(f"no answer from a burla broker at {address} within {timeout:g} s")
+        return P.recv(sock)[2]
+    finally:
+        sock.close(0)

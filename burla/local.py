@@ -1,0 +1,86 @@
+"""The embedded cluster: a broker and one worker with a slot per core, started on this machine on first use.
+
+It listens on an ipc:// path inside a private (0700) temporary folder, never on a network interface. Both processes
+hold the read end of a pipe whose write end only this process has: when this process ends, however it ends
+(SIGKILL included), the pipe closes and they exit, and the worker takes its executors down with it.
+"""
+
+import atexit
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+_lock = threading.Lock()
+_cluster = None
+
+
+class LocalCluster:
+    def __init__(self, slots=None):
+        from burla.worker.worker import host_resources
+
+        cpus, ram = host_resources()
+        self.slots = slots or cpus
+        # Memory is not reserved per call on one's own machine (as with any local pool): advertise enough
+        # for every slot at the default func_ram=4.
+        self.ram = max(ram, 4.0 * self.slots)
+        self.dir = tempfile.mkdtemp(prefix="burla-")
+        self.address = f"ipc://{self.dir}/broker"
+        read, self._pipe = os.pipe()
+        # Workers import the client's modules by name (functions cloudpickle sends by reference), so they get
+        # the client's working directory and import path.
+        path = [os.path.abspath(p or ".") for p in sys.path]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+        run = [sys.executable, "-m", "burla"]
+        common = dict(pass_fds=(read,), env=env, stdin=subprocess.DEVNULL, cwd=os.getcwd())
+        self.procs = [
+            subprocess.Popen([*run, "broker", "--bind", self.address, "--parent-fd", str(read)], **common),
+            subprocess.Popen([*run, "worker", "--broker", self.address, "--slots", str(self.slots),
+                              "--ram", f"{self.ram:.1f}", "--name", "local", "--parent-fd", str(read)], **common),
+        ]
+        os.close(read)
+        self.pid = os.getpid()
+
+    def stop(self):
+        if self.pid != os.getpid():
+            return  # a forked child does not own the cluster
+        if self._pipe is not None:
+            os.close(self._pipe)  # they exit on their own; the signals below are for the stubborn
+            self._pipe = None
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+
+def cluster():
+    """The running embedded cluster of this process, started if need be."""
+    global _cluster
+    with _lock:
+        if _cluster is None or _cluster.pid != os.getpid() or any(p.poll() is not None for p in _cluster.procs):
+            if _cluster is not None and _cluster.pid == os.getpid():
+                _cluster.stop()
+            _cluster = LocalCluster(int(os.environ["BURLA_LOCAL_SLOTS"]) if os.environ.get("BURLA_LOCAL_SLOTS")
+                                    else None)
+            atexit.register(_cluster.stop)
+        return _cluster
+
+
+def stop():
+    """Stop the embedded cluster now (it stops by itself when this process exits)."""
+    global _cluster
+    with _lock:
+        if _cluster is not None:
+            _cluster.stop()
+            _cluster = None

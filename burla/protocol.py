@@ -1,0 +1,90 @@
+"""The wire protocol between client, broker and worker: every command and its header, in one place.
+
+On a DEALER socket a message is  [b"", VERSION, command, header, *payload]; the broker's ROUTER sees the
+sender's identity in front. The header is a small msgpack dict with short keys; payload frames are opaque to the
+broker and forwarded zero-copy. Inputs travel in batches of consecutive input indices, so a batch is named by the
+index of its first input ("i") and its length ("n").
+"""
+
+import os
+
+import msgpack
+import zmq
+
+VERSION = b"B1"
+
+# client -> broker
+SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, cpu, ram, gpu, par}  payload: [function]
+BATCH = b"B"  # {j, i, n, z: compressed flags}  payload: pickled inputs
+END = b"E"  # {j}: the client has every outcome; the broker forgets the job
+CANCEL = b"C"  # {j}
+STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...]}
+# broker -> client
+ACCEPTED = b"A"  # {j, s: slots that fit the job}
+REJECTED = b"X"  # {j, e: message}
+RESULT = b"R"  # {j, i, n, t: seconds computing, w: slot, z, e?: error}  payload: results [, exception]
+LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
+# worker (the supervisor of a host's executors) -> broker
+REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid}
+SLOT_DIED = b"D"  # {w, s: slot identity, code: exit code or -signal}
+# executor (one slot) <-> broker
+READY = b"Y"  # {w, k: batches it can hold}
+TASK = b"T"  # {j, i, n, d, z, f: function frame first}  payload: [function,] inputs
+# broker -> anyone it does not know (it restarted, or declared the peer dead): register again
+RECONNECT = b"Z"
+# any direction; any message counts as a sign of life
+HEARTBEAT = b"H"
+
+HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
+HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead
+
+# An error header "e": {i: input index, type: "module.Name", msg, tb: remote traceback text, input: repr}.
+
+
+class ProtocolError(Exception):
+    """A message that does not follow this protocol."""
+
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def send(sock, command, header, payload=(), ident=None):
+    frames = [b"", VERSION, command, _pack(header), *payload]
+    if ident is not None:
+        frames.insert(0, ident)
+    # copy=False: large payloads go out zero-copy; pyzmq still copies frames under its copy threshold.
+    sock.send_multipart(frames, copy=False)
+
+
+def recv(sock, router=False):
+    """Read one message: (identity or None, command, header dict, payload frames as zmq.Frame)."""
+    frames = sock.recv_multipart(copy=False)
+    ident = None
+    if router:
+        ident = frames[0].bytes
+        frames = frames[1:]
+    if len(frames) < 4 or frames[0].bytes != b"" or frames[1].bytes != VERSION:
+        raise ProtocolError(f"not a burla {VERSION.decode()} message ({len(frames)} frames)")
+    try:
+        header = msgpack.unpackb(frames[3].bytes, raw=False)
+    except Exception as e:
+        raise ProtocolError(f"bad header: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    return ident, frames[2].bytes, header, frames[4:]
+
+
+def socket(ctx, kind, identity=None):
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    # High water marks are only a backstop: credit keeps queues short.
+    sock.sndhwm = sock.rcvhwm = 100_000
+    if identity is not None:
+        sock.identity = identity
+    if kind == zmq.ROUTER:
+        sock.router_mandatory = 1  # a send to a dead peer fails loudly instead of vanishing
+    return sock
+
+
+def is_local(address):
+    return address.startswith(("ipc://", "inproc://")) or "//127." in address or "//localhost" in address

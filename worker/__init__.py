@@ -1,0 +1,1 @@
+"""The worker process role: installed as burla.worker (see pyproject.toml)."""

@@ -1,0 +1,234 @@
+"""An executor: one slot of a worker, a process that runs the user's function on batches of inputs.
+
+It talks to the broker directly (a DEALER socket of its own) so results take no extra hop through the worker.
+stdout and stderr of the calls are captured line by line, tagged with the input index, and streamed: a background
+thread sends lines while a long call runs, and the lines left at the end of a batch go out just before its
+result on the same socket, so a client always sees a call's output before its result.
+"""
+
+import collections
+import io
+import os
+import reprlib
+import sys
+import threading
+import time
+import traceback
+
+import zmq
+
+from burla import protocol as P
+from burla import serialize
+
+PREFETCH = 2  # batches this slot may hold: one running, one waiting
+FUNCTION_CACHE = 32  # the broker assumes the same size and LRU order (see broker.FUNCTION_CACHE)
+LOG_LINGER = 0.02  # seconds a first pending line waits for company before it is sent
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 200
+
+
+class LogSink:
+    """Collects complete lines from the capture streams, tagged with the input that printed them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lines = []
+        self.partial = {1: "", 2: ""}
+        self.wake = threading.Event()
+        self.start, self.done = 0, []  # index of the batch's first input; results so far (len = calls done)
+
+    def write(self, stream, text):
+        if "\n" not in text:
+            self.partial[stream] += text
+            return
+        *complete, rest = (self.partial[stream] + text).split("\n")
+        self.partial[stream] = rest
+        index = self.start + len(self.done)
+        with self.lock:
+            self.lines.extend([index, stream, line] for line in complete)
+        self.wake.set()
+
+    def finish_lines(self):
+        for stream, rest in self.partial.items():
+            if rest:
+                self.partial[stream] = ""
+                self.write(stream, rest + "\n")
+
+    def take(self):
+        with self.lock:
+            lines, self.lines = self.lines, []
+        return lines
+
+
+class Capture(io.TextIOBase):
+    def __init__(self, sink, stream):
+        self.sink, self.stream = sink, stream
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self.sink.write(self.stream, text)
+        return len(text)
+
+    def writable(self):
+        return True
+
+    @property
+    def encoding(self):
+        return "utf-8"
+
+
+class Executor:
+    def __init__(self, broker, worker_id, slot, control_fd=None):
+        self.broker = broker
+        self.worker_id = worker_id
+        self.ident = f"{worker_id}/{slot}".encode()
+        self.control_fd = control_fd  # from the worker: b"R" = say READY again; end of file = exit
+        self.functions = collections.OrderedDict()
+        self.tasks = collections.deque()
+        self.sink = LogSink()
+        self.job = None
+        self.compress = not P.is_local(broker)
+        self.lock = threading.Lock()  # the socket is shared with the log thread; all use goes through it
+
+    def run(self):
+        self.ctx = zmq.Context()
+        self.sock = P.socket(self.ctx, zmq.DEALER, identity=self.ident)
+        self.sock.connect(self.broker)
+        sys.stdout, sys.stderr = Capture(self.sink, 1), Capture(self.sink, 2)
+        threading.Thread(target=self.log_loop, daemon=True, name="burla-logs").start()
+        self.ready()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.control_fd is not None:
+            poller.register(self.control_fd, zmq.POLLIN)
+        while True:
+            if not self.tasks:
+                events = dict(poller.poll(1000))
+                if self.control_fd in events and not self.control():
+                    return
+            with self.lock:
+                while self.sock.poll(0):
+                    self.handle(*P.recv(self.sock)[1:])
+            if self.tasks:
+                self.run_task(*self.tasks.popleft())
+
+    def ready(self):
+        with self.lock:
+            self.ready_unlocked()
+
+    def ready_unlocked(self):
+        P.send(self.sock, P.READY, {"w": self.worker_id, "k": PREFETCH, "pid": os.getpid()})
+
+    def control(self):
+        data = os.read(self.control_fd, 64)
+        if not data:
+            return False
+        if b"R" in data:
+            self.tasks.clear()
+            self.ready()
+        return True
+
+    def handle(self, command, header, payload):
+        if command == P.TASK:
+            self.tasks.append((header, payload))
+        elif command == P.CANCEL:
+            self.tasks = collections.deque(t for t in self.tasks if t[0]["j"] != header["j"])
+        elif command == P.RECONNECT:
+            self.tasks.clear()
+            self.ready_unlocked()
+
+    def function(self, header, payload):
+        digest = header["d"]
+        if header.get("f"):
+            self.functions[digest] = serialize.loads_function(payload[0])
+            if len(self.functions) > FUNCTION_CACHE:
+                self.functions.popitem(last=False)
+            return self.functions[digest], payload[1:]
+        self.functions.move_to_end(digest)
+        return self.functions[digest], payload
+
+    def run_task(self, header, payload):
+        job, start, n = header["j"], header["i"], header["n"]
+        reply = {"j": job, "i": start, "n": n, "w": self.ident.decode()}
+        frames = []
+        try:
+            function, payload = self.function(header, payload)
+            inputs = serialize.unpack(header.get("z"), payload)
+        except BaseException as e:
+            reply.update(k=0, t=0.0, e=error_info(e, start, "<input not loaded>", "loading the function or inputs"))
+            return self.reply(reply, frames)
+        done = []
+        self.job = job
+        sink = self.sink
+        sink.start, sink.done = start, done
+        t0 = time.perf_counter()
+        try:
+            # extend() keeps what map() produced before an exception, so len(done) names the failing input
+            done.extend(map(function, inputs))
+        except BaseException as e:
+            failed = start + len(done)
+            reply["e"] = error_info(e, failed, inputs[len(done)])
+            frames = exception_frames(e)
+        reply["t"] = time.perf_counter() - t0
+        sink.finish_lines()
+        try:
+            flags, packed = serialize.pack(done, self.compress)
+        except Exception:
+            done, flags, packed, bad = self.pack_until_unpicklable(done)
+            reply["e"] = bad
+            frames = []
+        reply["k"] = len(done)
+        reply["z"] = flags
+        self.reply(reply, packed + frames)
+
+    def pack_until_unpicklable(self, done):
+        for k, value in enumerate(done):
+            try:
+                serialize.pack(value)
+            except Exception as e:
+                info = error_info(e, self.sink.start + k, done[k], f"pickling the result {_repr.repr(value)}")
+                flags, packed = serialize.pack(done[:k], self.compress)
+                return done[:k], flags, packed, info
+        raise AssertionError("a list failed to pickle but each of its items pickled")
+
+    def reply(self, header, frames):
+        with self.lock:
+            lines = self.sink.take()
+            if lines:
+                P.send(self.sock, P.LOG, {"j": header["j"], "w": header["w"], "l": lines})
+            P.send(self.sock, P.RESULT, header, frames)
+
+    def log_loop(self):
+        while True:
+            self.sink.wake.wait()
+            time.sleep(LOG_LINGER)
+            self.sink.wake.clear()
+            with self.lock:
+                lines = self.sink.take()
+                if lines and self.job is not None:
+                    P.send(self.sock, P.LOG, {"j": self.job, "w": self.ident.decode(), "l": lines})
+
+
+def error_info(exc, index, value, while_=None):
+    tb = exc.__traceback__
+    # Leave out the executor's own frame: the user's frames are the story.
+    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    if while_:
+        text = f"while {while_}:\n{text}"
+    kind = type(exc)
+    return {"i": index, "type": f"{kind.__module__}.{kind.__qualname__}", "msg": str(exc), "tb": text,
+            "input": _repr.repr(value)}
+
+
+def exception_frames(exc):
+    try:
+        return [serialize.serialize_exception(exc)]
+    except Exception:
+        return []  # the client raises burla.RemoteError with the type name and message instead
+
+
+def main(broker, worker_id, slot, control_fd=None):
+    Executor(broker, worker_id, slot, control_fd).run()

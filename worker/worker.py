@@ -1,0 +1,201 @@
+"""The worker: one per host (or container). It announces the host's slots and resources to the broker, keeps one
+executor process per slot alive, reports an executor's death at once so its batches run again elsewhere, and
+heartbeats. It runs no user code itself, so a call that crashes takes down one slot, never the worker.
+"""
+
+import logging
+import os
+import signal
+import socket as pysocket
+import sys
+import time
+import traceback
+
+import zmq
+
+from burla import protocol as P
+
+log = logging.getLogger("burla.worker")
+
+
+class Slot:
+    def __init__(self, index):
+        self.index = index
+        self.pid = None
+        self.popen = None  # set when started by exec rather than fork
+        self.control = None  # write end of the executor's control pipe; closing it tells the executor to exit
+        self.pidfd = None
+        self.started = 0.0
+
+
+def host_resources():
+    import psutil
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return cpus, psutil.virtual_memory().total / 1e9
+
+
+class Worker:
+    def __init__(self, broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None):
+        host_cpu, host_ram = host_resources()
+        self.broker = broker
+        self.nslots = slots or host_cpu
+        self.cpu = cpu if cpu is not None else host_cpu
+        self.ram = ram if ram is not None else host_ram
+        self.gpus = list(gpus)
+        self.host = pysocket.gethostname()
+        self.id = name or f"{self.host}-{os.getpid()}"
+        self.parent_fd = parent_fd
+        self.slots = [Slot(k) for k in range(self.nslots)]
+
+    # ---------------------------------------------------------------- executors
+    def start_slot(self, slot, fork):
+        read, write = os.pipe()
+        if fork:
+            pid = os.fork()
+            if pid == 0:  # the executor
+                code = 0
+                try:
+                    os.close(write)
+                    for other in self.slots:
+                        if other.control is not None:
+                            os.close(other.control)
+                    from burla.worker import executor
+
+                    executor.main(self.broker, self.id, slot.index, read)
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            slot.popen = None
+        else:
+            code = f"from burla.worker.executor import main; main({self.broker!r}, {self.id!r}, {slot.index}, {read})"
+            slot.popen = __import__("subprocess").Popen([sys.executable, "-c", code], pass_fds=(read,))
+            pid = slot.popen.pid
+        os.close(read)
+        slot.pid, slot.control, slot.started = pid, write, time.monotonic()
+        try:
+            slot.pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            slot.pidfd = None
+
+    def exit_code(self, slot):
+        """The executor's exit status if it has ended (negative: killed by that signal), else None."""
+        if slot.popen is not None:
+            return slot.popen.poll()
+        try:
+            pid, status = os.waitpid(slot.pid, os.WNOHANG)
+        except ChildProcessError:
+            return -1
+        if pid == 0:
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    def reap(self):
+        for slot in self.slots:
+            code = self.exit_code(slot)
+            if code is None:
+                continue
+            self.forget(slot)
+            P.send(self.sock, P.SLOT_DIED, {"w": self.id, "s": f"{self.id}/{slot.index}".encode(), "code": code})
+            log.warning("executor %d exited with %s; restarting it", slot.index, code)
+            if time.monotonic() - slot.started < 1.0:
+                time.sleep(0.5)  # do not spin on an executor that cannot start
+            self.start_slot(slot, fork=False)
+
+    def forget(self, slot):
+        if slot.control is not None:
+            os.close(slot.control)
+        if slot.pidfd is not None:
+            os.close(slot.pidfd)
+        slot.control = slot.pidfd = None
+
+    def tell_executors(self, byte):
+        for slot in self.slots:
+            try:
+                os.write(slot.control, byte)
+            except OSError:
+                pass
+
+    def stop_executors(self):
+        for slot in self.slots:
+            self.forget(slot)  # closing the control pipe asks the executor to exit
+            try:
+                os.kill(slot.pid, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):
+                pass
+        for slot in self.slots:
+            if slot.pid:
+                try:
+                    os.waitpid(slot.pid, 0)
+                except ChildProcessError:
+                    pass
+
+    # ---------------------------------------------------------------- loop
+    def register(self):
+        P.send(self.sock, P.REGISTER, {
+            "w": self.id, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
+            "cpu": self.cpu, "ram": self.ram, "gpu": self.gpus,
+        })
+
+    def run(self):
+        # Fork the first executors before this process has a ZeroMQ context (a context does not survive fork):
+        # a forked executor is ready in a millisecond, a fresh interpreter takes ~60 ms.
+        for slot in self.slots:
+            self.start_slot(slot, fork=hasattr(os, "fork"))
+        self.ctx = zmq.Context()
+        self.sock = P.socket(self.ctx, zmq.DEALER, identity=self.id.encode())
+        self.sock.connect(self.broker)
+        self.register()
+        heard = time.monotonic()
+        next_beat = heard + P.HEARTBEAT_INTERVAL
+        try:
+            while True:
+                poller = zmq.Poller()
+                poller.register(self.sock, zmq.POLLIN)
+                if self.parent_fd is not None:
+                    poller.register(self.parent_fd, zmq.POLLIN)
+                pidfds = [s.pidfd for s in self.slots if s.pidfd is not None]
+                for fd in pidfds:
+                    poller.register(fd, zmq.POLLIN)
+                timeout = max(0.0, next_beat - time.monotonic())
+                if len(pidfds) < len(self.slots):
+                    timeout = min(timeout, 0.2)  # no pidfd: look for dead executors often
+                events = dict(poller.poll(timeout * 1000))
+                if self.parent_fd is not None and self.parent_fd in events:
+                    return
+                self.reap()
+                while self.sock.poll(0):
+                    _, command, header, _ = P.recv(self.sock)
+                    heard = time.monotonic()
+                    if command == P.RECONNECT:
+                        self.rejoin()
+                now = time.monotonic()
+                if now - heard > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
+                    log.warning("no word from the broker for %.1f s; registering again", now - heard)
+                    self.rejoin()
+                    heard = now
+                if now >= next_beat:
+                    P.send(self.sock, P.HEARTBEAT, {"w": self.id})
+                    next_beat = now + P.HEARTBEAT_INTERVAL
+        finally:
+            self.stop_executors()
+            self.sock.close(0)
+
+    def rejoin(self):
+        self.register()
+        self.tell_executors(b"R")
+
+
+def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None):
+    logging.basicConfig(level=logging.WARNING, format="burla worker: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd)
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        pass
