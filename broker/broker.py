@@ -304,8 +304,7 @@ class Broker:
             self.send(ident, P.RECONNECT, {})
         elif slot.inflight.pop((h.get("j"), h.get("i")), None) is not None:
             slot.credit += 1
-            if job is None or not job.queue:
-                self.dirty = True
+            self.dirty = True
         if job is not None:
             job.done += h.get("k", 0)
             self.forward(job.client, P.RESULT, P._pack(h), payload)

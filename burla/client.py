@@ -8,8 +8,10 @@ TARGET_BATCH_SECONDS of work, and never so many that the last batches leave slot
 """
 
 import itertools
+import linecache
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -222,6 +224,23 @@ def write_lines(lines, progress):
         progress.refresh()
 
 
+_FRAME_LINE = re.compile(r'^  File "(.+)", line (\d+), in ')
+
+
+def with_source_lines(tb):
+    """Fill in the source lines a remote worker could not show, from the files here (the user's own code)."""
+    lines = tb.splitlines(keepends=True)
+    out = []
+    for k, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME_LINE.match(line)
+        if match and not (k + 1 < len(lines) and lines[k + 1].startswith("    ")):
+            source = linecache.getline(match.group(1), int(match.group(2))).strip()
+            if source:
+                out.append(f"    {source}\n")
+    return "".join(out)
+
+
 def remote_exception(info, frames):
     exc = None
     if frames:
@@ -235,7 +254,7 @@ def remote_exception(info, frames):
         # Not rebuildable here, or a BaseException such as SystemExit that must not end this process.
         exc = errors.RemoteError(info["type"], info["msg"])
     if info.get("tb"):
-        exc.__cause__ = errors.RemoteTraceback(info["tb"])
+        exc.__cause__ = errors.RemoteTraceback(with_source_lines(info["tb"]))
     try:
         exc.burla_input_index = info["i"]
         exc.add_note(f"[burla] raised by the call on input {info['i']}: {info.get('input', '?')}")

@@ -6,8 +6,11 @@ own and are never copied into the pickle stream. blosc2 compresses large frames 
 the frame actually shrinks; on loopback or ipc compression costs more time than it saves.
 """
 
+import collections
 import hashlib
+import io
 import pickle
+import types
 
 import cloudpickle
 
@@ -15,8 +18,23 @@ COMPRESS_MIN = 64 * 1024  # smaller frames are not worth a compression attempt
 _blosc2 = None  # imported on first use: importing blosc2 costs ~0.2 s (it brings numpy)
 
 
+def _code_reduce_keeping_filename(code):
+    # cloudpickle blanks co_filename (to make payloads deterministic); keep it, so that remote tracebacks name the
+    # user's file and line.
+    constructor, args = cloudpickle.cloudpickle._code_reduce(code)
+    return constructor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+class _FunctionPickler(cloudpickle.Pickler):
+    if hasattr(cloudpickle.cloudpickle, "_code_reduce"):
+        dispatch_table = collections.ChainMap({types.CodeType: _code_reduce_keeping_filename},
+                                              cloudpickle.Pickler.dispatch_table)
+
+
 def dumps_function(function):
-    data = cloudpickle.dumps(function, protocol=5)
+    out = io.BytesIO()
+    _FunctionPickler(out, protocol=5).dump(function)
+    data = out.getvalue()
     return data, hashlib.blake2b(data, digest_size=16).digest()
 
 

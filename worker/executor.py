@@ -175,21 +175,19 @@ class Executor:
         try:
             flags, packed = serialize.pack(done, self.compress)
         except Exception:
-            done, flags, packed, bad = self.pack_until_unpicklable(done)
-            reply["e"] = bad
-            frames = []
+            done, flags, packed, reply["e"], frames = self.pack_until_unpicklable(done, inputs)
         reply["k"] = len(done)
         reply["z"] = flags
         self.reply(reply, packed + frames)
 
-    def pack_until_unpicklable(self, done):
+    def pack_until_unpicklable(self, done, inputs):
         for k, value in enumerate(done):
             try:
                 serialize.pack(value)
             except Exception as e:
-                info = error_info(e, self.sink.start + k, done[k], f"pickling the result {_repr.repr(value)}")
+                info = error_info(e, self.sink.start + k, inputs[k], f"pickling the result {_repr.repr(value)}")
                 flags, packed = serialize.pack(done[:k], self.compress)
-                return done[:k], flags, packed, info
+                return done[:k], flags, packed, info, exception_frames(e)
         raise AssertionError("a list failed to pickle but each of its items pickled")
 
     def reply(self, header, frames):

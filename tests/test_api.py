@@ -1,0 +1,228 @@
+"""remote_parallel_map against a real broker and a real worker (two executor slots), started by `burla`."""
+
+import itertools
+import os
+import sys
+import threading
+import time
+
+import pytest
+
+import burla
+from burla import remote_parallel_map
+
+
+@pytest.fixture
+def rpm(cluster):
+    def run(function_, inputs, **kwargs):
+        return remote_parallel_map(function_, inputs, cluster=cluster.address, spinner=False, **kwargs)
+
+    return run
+
+
+def test_results_in_input_order(rpm):
+    assert rpm(lambda x: x * x, range(1000)) == [x * x for x in range(1000)]
+
+
+def test_generator_yields_every_result(rpm):
+    out = rpm(lambda x: x + 1, list(range(500)), generator=True)
+    assert not isinstance(out, list)
+    assert sorted(out) == list(range(1, 501))
+
+
+def test_empty_inputs(rpm):
+    assert rpm(abs, []) == []
+
+
+def test_tuples_are_not_unpacked(rpm):
+    assert rpm(lambda x: x, [(1, 2), (3, 4)]) == [(1, 2), (3, 4)]
+
+
+def test_closures_and_local_classes(rpm):
+    offset = 10
+
+    class Point:
+        def __init__(self, x):
+            self.x = x
+
+    out = rpm(lambda p: p.x + offset, [Point(1), Point(2)])
+    assert out == [11, 12]
+
+
+def test_unknown_length_input_is_consumed_lazily(rpm):
+    pulled = itertools.count()
+
+    def gen():
+        for i in range(200_000):
+            next(pulled)
+            yield i
+
+    it = rpm(lambda x: x, gen(), generator=True)
+    next(it)
+    in_flight = next(pulled)
+    assert in_flight < 100_000, f"{in_flight} inputs pulled before the first result"
+    assert sum(1 for _ in it) == 200_000 - 1
+
+
+def test_stdout_and_stderr_stream_while_calls_run(rpm, capsys):
+    arrivals = []
+
+    class Recorder:
+        def write(self, text):
+            arrivals.append((time.monotonic(), text))
+
+        def flush(self):
+            pass
+
+    def noisy(x):
+        print(f"out {x}")
+        print(f"err {x}", file=sys.stderr)
+        time.sleep(1.5)
+        return x
+
+    real = sys.stdout
+    sys.stdout = Recorder()
+    try:
+        assert rpm(noisy, [7]) == [7]
+        finished = time.monotonic()
+    finally:
+        sys.stdout = real
+    (when, text), = [a for a in arrivals if "out 7" in a[1]]
+    assert when < finished - 0.8, "the line only arrived with the result"
+    assert "err 7" in capsys.readouterr().err
+
+
+def test_many_log_lines_all_arrive(rpm, capsys):
+    rpm(lambda x: print("\n".join(f"line {x} {k}" for k in range(100))), range(20))
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(out) == sorted(f"line {x} {k}" for x in range(20) for k in range(100))
+
+
+def test_exception_reraised_with_remote_traceback_and_index(rpm):
+    def fails_on_three(x):
+        if x == 3:
+            raise KeyError(f"bad {x}")
+        return x
+
+    with pytest.raises(KeyError) as info:
+        rpm(fails_on_three, range(10))
+    exc = info.value
+    assert exc.burla_input_index == 3
+    assert isinstance(exc.__cause__, burla.errors.RemoteTraceback)
+    assert "fails_on_three" in str(exc.__cause__) and "raise KeyError" in str(exc.__cause__)
+    assert any("input 3" in note for note in exc.__notes__)
+
+
+def test_unrebuildable_exception_becomes_remote_error(rpm):
+    class Picky(Exception):
+        def __init__(self, a, b):
+            super().__init__(a)
+
+    def fails(x):
+        raise Picky("first", "second")
+
+    with pytest.raises(burla.RemoteError) as info:
+        rpm(fails, [1])
+    assert "Picky" in str(info.value) and info.value.burla_input_index == 0
+
+
+def test_system_exit_does_not_exit_the_client(rpm):
+    with pytest.raises(burla.RemoteError, match="SystemExit"):
+        rpm(lambda x: sys.exit(3), [1])
+
+
+def test_error_stops_the_rest_of_the_job_and_cluster_stays_usable(rpm):
+    def slow_unless_zero(x):
+        if x == 0:
+            raise ValueError("zero")
+        time.sleep(0.1)
+        return x
+
+    start = time.monotonic()
+    with pytest.raises(ValueError):
+        rpm(slow_unless_zero, range(200))  # 10 s of work on two slots
+    assert time.monotonic() - start < 5
+    assert rpm(abs, [-1, -2, -3]) == [1, 2, 3]
+
+
+def test_unpicklable_function_input_and_result_fail_clearly(rpm):
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="could not be pickled"):
+        rpm(lambda x: lock, [1])
+    with pytest.raises(TypeError, match="input 1 could not be pickled"):
+        rpm(lambda x: x, [1, threading.Lock(), 3])
+    with pytest.raises(TypeError) as info:
+        rpm(lambda x: threading.Lock() if x == 2 else x, [0, 1, 2, 3])
+    assert info.value.burla_input_index == 2
+
+
+def test_bad_arguments(rpm):
+    with pytest.raises(TypeError, match="callable"):
+        rpm(5, [1])
+    with pytest.raises(TypeError, match="iterable"):
+        rpm(abs, 5)
+    with pytest.raises(ValueError, match="func_cpu"):
+        rpm(abs, [1], func_cpu=0)
+    with pytest.raises(ValueError, match="max_parallelism"):
+        rpm(abs, [1], max_parallelism=0)
+    with pytest.raises(ValueError, match="cluster"):
+        remote_parallel_map(abs, [1], cluster="http://nowhere")
+
+
+def test_request_no_worker_can_fit_fails_fast(rpm):
+    start = time.monotonic()
+    with pytest.raises(burla.NoCompatibleWorkerError, match=r"func_cpu=64.*has 2 cpu"):
+        rpm(abs, [1], func_cpu=64)
+    with pytest.raises(burla.NoCompatibleWorkerError, match="func_ram=100000"):
+        rpm(abs, [1], func_ram=100000)
+    with pytest.raises(burla.NoCompatibleWorkerError, match="gpu"):
+        rpm(abs, [1], func_gpu="A100")
+    assert time.monotonic() - start < 3
+
+
+def spans(rpm, **kwargs):
+    def timed(x):
+        start = time.monotonic()
+        time.sleep(0.2)
+        return start, time.monotonic()
+
+    return sorted(rpm(timed, range(6), **kwargs))
+
+
+def overlapping(intervals):
+    return any(b[0] < a[1] for a, b in zip(intervals, intervals[1:]))
+
+
+def test_max_parallelism_caps_concurrent_calls(rpm):
+    assert overlapping(spans(rpm))  # two slots: calls do overlap by default
+    assert not overlapping(spans(rpm, max_parallelism=1))
+    assert not overlapping(spans(rpm, parallelism=1))
+
+
+def test_func_cpu_packs_calls_onto_cpus(rpm):
+    assert not overlapping(spans(rpm, func_cpu=2))  # the worker has 2 cpus: one such call at a time
+
+
+def test_large_inputs(rpm):
+    big = b"x" * (200 << 20)
+    assert rpm(len, [big]) == [200 << 20]
+    del big
+    total = rpm(len, (os.urandom(16) * 65536 for _ in range(120)))  # 120 MiB in all, from a generator
+    assert total == [1 << 20] * 120
+
+
+def test_numpy_like_buffers_travel_out_of_band(rpm):
+    data = [bytearray(b"a" * 1_000_000), bytearray(b"b" * 10)]
+    assert rpm(lambda b: bytes(b[:2]), data) == [b"aa", b"bb"]
+
+
+def test_gpu_calls_run_only_where_gpus_are(cluster):
+    cluster.start_worker("gpu-host", 1, "--gpus", "A100:1")
+    try:
+        cluster.wait_for(2)
+        gpu_pid = cluster.procs["gpu-host"].pid
+        parents = remote_parallel_map(lambda x: os.getppid(), range(4), func_gpu="A100",
+                                      cluster=cluster.address, spinner=False)
+        assert set(parents) == {gpu_pid}
+    finally:
+        cluster.stop("gpu-host")
