@@ -1,5 +1,6 @@
 """The terminal progress line (tqdm on stderr): calls done/total where known, rate, elapsed."""
 
+import os
 import sys
 
 
@@ -7,8 +8,14 @@ class Progress:
     def __init__(self, total):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, unit="call", desc="burla", file=sys.stderr, leave=False, dynamic_ncols=True,
-                        mininterval=0.1)
+        try:
+            width = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            width = 0
+        # A terminal that reports no width (some CI and pty setups) would get no bar at all: assume 80x24.
+        size = {"dynamic_ncols": True} if width else {"ncols": 80, "nrows": 24}
+        self.bar = tqdm(total=total, unit="call", desc="burla", file=sys.stderr, leave=False, mininterval=0.1,
+                        **size)
 
     @classmethod
     def create(cls, enabled, total):
