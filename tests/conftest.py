@@ -21,7 +21,8 @@ class Cluster:
         self.dir = directory
         self.address = f"ipc://{directory}/broker"
         self.procs = {}
-        self.env = dict(os.environ, BURLA_HEARTBEAT_INTERVAL="0.5")
+        # Workers can import the test modules (functions defined at a module's top level travel by reference).
+        self.env = dict(os.environ, BURLA_HEARTBEAT_INTERVAL="0.5", PYTHONPATH=HERE)
 
     def start_broker(self):
         self.procs["broker"] = subprocess.Popen(

@@ -226,3 +226,12 @@ def test_gpu_calls_run_only_where_gpus_are(cluster):
         assert set(parents) == {gpu_pid}
     finally:
         cluster.stop("gpu-host")
+
+
+def test_compression_round_trip_only_where_it_pays():
+    from burla import serialize
+
+    zeros, noise = bytes(1 << 20), os.urandom(1 << 20)
+    flags, frames = serialize.pack([zeros, bytearray(noise)], compress=True)
+    assert flags[0] == 1 and sum(len(f) for f in frames) < 1.2 * len(noise)  # zeros shrank, noise stayed raw
+    assert serialize.unpack(flags, frames) == [zeros, bytearray(noise)]

@@ -1,0 +1,76 @@
+"""Workers that die mid-job lose nothing: their batches run again elsewhere, every input gets one outcome."""
+
+import os
+import signal
+import tempfile
+import threading
+import time
+
+import pytest
+
+import burla
+from burla import remote_parallel_map
+from conftest import Cluster
+
+
+def slow_identity(x):
+    time.sleep(0.1)
+    return x
+
+
+def kill_later(delay, pids):
+    def run():
+        time.sleep(delay)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_killed_executor_loses_nothing(cluster):
+    victims = cluster.executor_pids("w1")[:1]
+    killer = kill_later(0.5, victims)
+    out = remote_parallel_map(slow_identity, range(40), cluster=cluster.address, spinner=False)
+    killer.join()
+    assert out == list(range(40))
+    # the worker started a new executor in its place, and the cluster still works
+    deadline = time.monotonic() + 10
+    while len(cluster.executor_pids("w1")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(cluster.executor_pids("w1")) == 2 and victims[0] not in cluster.executor_pids("w1")
+    assert remote_parallel_map(abs, [-1] * 10, cluster=cluster.address, spinner=False) == [1] * 10
+
+
+def test_killed_worker_host_loses_nothing():
+    with tempfile.TemporaryDirectory(prefix="burla-test-") as d:
+        c = Cluster(d)
+        try:
+            c.start_broker()
+            c.start_worker("stays", 2)
+            c.start_worker("dies", 2)
+            c.wait_for(2, slots=4)
+            # the whole worker goes: its process and, with it, its executors
+            killer = kill_later(0.5, [c.procs["dies"].pid])
+            start = time.monotonic()
+            out = remote_parallel_map(slow_identity, range(60), cluster=c.address, spinner=False)
+            killer.join()
+            assert sorted(out) == out == list(range(60))
+            assert time.monotonic() - start < 15
+            state = c.wait_for(1)
+            assert [w["id"] for w in state["workers"]] == ["stays"]
+        finally:
+            c.stop()
+
+
+def test_call_that_kills_its_executor_fails_with_worker_died(cluster):
+    def crash_on_five(x):
+        if x == 5:
+            os._exit(13)
+        return x
+
+    with pytest.raises(burla.WorkerDiedError, match="exit code 13") as info:
+        remote_parallel_map(crash_on_five, range(10), cluster=cluster.address, spinner=False)
+    assert info.value.burla_input_index <= 5
+    assert remote_parallel_map(abs, [-3], cluster=cluster.address, spinner=False) == [3]
