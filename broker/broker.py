@@ -164,13 +164,6 @@ class Broker:
                 raise
             return False
 
-    def forward(self, ident, command, raw_header, payload):
-        try:
-            self.sock.send_multipart([ident, b"", P.VERSION, command, raw_header, *payload], copy=False)
-        except zmq.ZMQError as e:
-            if e.errno != zmq.EHOSTUNREACH:
-                raise
-
     # ---------------------------------------------------------------- clients
     def on_submit(self, ident, h, payload):
         if not payload:
@@ -307,12 +300,12 @@ class Broker:
             self.dirty = True
         if job is not None:
             job.done += h.get("k", 0)
-            self.forward(job.client, P.RESULT, P._pack(h), payload)
+            self.send(job.client, P.RESULT, h, payload)
 
     def on_log(self, ident, h, payload):
         job = self.jobs.get(h.get("j"))
         if job is not None:
-            self.forward(job.client, P.LOG, P._pack(h), payload)
+            self.send(job.client, P.LOG, h, payload)
 
     def remove_slot(self, slot, why):
         self.slots.pop(slot.ident, None)

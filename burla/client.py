@@ -20,7 +20,7 @@ import zmq
 
 from burla import config, errors, protocol as P, serialize
 
-TARGET_BATCH_SECONDS = 0.02
+TARGET_BATCH_SECONDS = 0.05
 MAX_BATCH_ITEMS = 65536
 MAX_BATCH_BYTES = 4 << 20
 MAX_OUTSTANDING_BYTES = 64 << 20

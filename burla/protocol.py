@@ -45,11 +45,10 @@ class ProtocolError(Exception):
     """A message that does not follow this protocol."""
 
 
-_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 def send(sock, command, header, payload=(), ident=None):
-    frames = [b"", VERSION, command, _pack(header), *payload]
+    frames = [b"", VERSION, command, msgpack.packb(header), *payload]
     if ident is not None:
         frames.insert(0, ident)
     # copy=False: large payloads go out zero-copy; pyzmq still copies frames under its copy threshold.

@@ -29,13 +29,18 @@ class Slot:
 
 
 def host_resources():
-    import psutil
-
+    """(cpus this process may use, GB of RAM)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
-    return cpus, psutil.virtual_memory().total / 1e9
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        import psutil
+
+        ram = psutil.virtual_memory().total
+    return cpus, ram / 1e9
 
 
 class Worker:
