@@ -47,8 +47,6 @@ class Connection:
             if self.idle:
                 return self.idle.pop()
         sock = P.socket(self.ctx, zmq.DEALER)
-        sock.reconnect_ivl = 10  # the embedded broker may be a few ms from binding
-        sock.reconnect_ivl_max = 1000
         sock.connect(self.address)
         return sock
 

@@ -82,6 +82,10 @@ def socket(ctx, kind, identity=None):
         sock.identity = identity
     if kind == zmq.ROUTER:
         sock.router_mandatory = 1  # a send to a dead peer fails loudly instead of vanishing
+    else:
+        # Retry soon (a broker started alongside may be milliseconds from binding), then back off to 1 s.
+        sock.reconnect_ivl = 10
+        sock.reconnect_ivl_max = 1000
     return sock
 
 

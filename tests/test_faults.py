@@ -74,3 +74,24 @@ def test_call_that_kills_its_executor_fails_with_worker_died(cluster):
         remote_parallel_map(crash_on_five, range(10), cluster=cluster.address, spinner=False)
     assert info.value.burla_input_index <= 5
     assert remote_parallel_map(abs, [-3], cluster=cluster.address, spinner=False) == [3]
+
+
+def test_broker_death_raises_instead_of_hanging_and_workers_rejoin_a_new_one():
+    with tempfile.TemporaryDirectory(prefix="burla-test-") as d:
+        c = Cluster(d)
+        try:
+            c.start_broker()
+            c.start_worker("w", 2)
+            c.wait_for(1)
+            killer = kill_later(0.5, [c.procs["broker"].pid])
+            start = time.monotonic()
+            with pytest.raises(burla.ClusterConnectionError, match="no word from the burla broker"):
+                remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False)
+            assert time.monotonic() - start < 8
+            killer.join()
+            c.procs.pop("broker").wait()
+            c.start_broker()  # a new broker on the same address: the worker finds it and registers again
+            c.wait_for(1, slots=2)
+            assert remote_parallel_map(abs, [-1, -2], cluster=c.address, spinner=False) == [1, 2]
+        finally:
+            c.stop()
