@@ -10,6 +10,7 @@ shows the median over repeats. A peer whose import fails shows "n/a".
 
 import argparse
 import datetime
+import faulthandler
 import gc
 import importlib.metadata
 import importlib.util
@@ -19,7 +20,9 @@ import platform
 import signal
 import statistics
 import subprocess
+import shutil
 import sys
+import tempfile
 import threading
 import time
 
@@ -263,6 +266,8 @@ ONLY = {"memory": ("burla", "pool")}  # cases that not every peer runs
 
 
 def child(args):
+    # A hung run dumps its threads' stacks to stderr shortly before the parent kills it, to say where it hung.
+    faulthandler.dump_traceback_later(max(args.timeout - 5, 1), exit=False)
     try:
         p = PEERS[args.peer](args.workers)
     except ImportError as e:
@@ -286,8 +291,12 @@ def kill_group(pgid):
 
 def run_child(peer, case, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--peer", peer, "--case", case,
-           "--workers", str(args.workers)] + (["--quick"] if args.quick else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+           "--workers", str(args.workers), "--timeout", str(args.timeout)] + (["--quick"] if args.quick else [])
+    # A private temporary folder per child, removed afterwards: what a killed child leaves (burla's ipc
+    # folder, Ray's session, Dask's worker space) goes with it.
+    scratch = tempfile.mkdtemp(prefix="bench-")
+    env = dict(os.environ, TMPDIR=scratch, RAY_TMPDIR=scratch)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     problem = None
     try:
@@ -298,8 +307,10 @@ def run_child(peer, case, args):
         kill_group(proc.pid)
         out, err = proc.communicate()
         problem = f"timeout after {args.timeout} s"
+        print(f"    ({LABELS[peer]}, {case}: {problem}; its stderr ends with:)\n{err[-4000:]}", file=sys.stderr)
     finally:
         kill_group(proc.pid)
+        shutil.rmtree(scratch, ignore_errors=True)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if lines:
         if problem:

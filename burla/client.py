@@ -4,7 +4,8 @@ The function is pickled once per job and sent with the submission. Inputs are pu
 lazily, in batches of consecutive indices, while the number of batches (and bytes) not yet answered stays under a
 window: that window is the client's credit, so memory stays flat whatever the number of inputs. Batch size adapts:
 one input per batch until the first results report how long a call takes, then as many as fill about
-TARGET_BATCH_SECONDS of work, and never so many that the last batches leave slots idle.
+TARGET_BATCH_SECONDS of work, and never so many that the last batches leave slots idle. What a call of a function
+cost is remembered (by the function's digest) for the next job of the same function in this process.
 """
 
 import itertools
@@ -20,7 +21,8 @@ import zmq
 
 from burla import config, errors, protocol as P, serialize
 
-TARGET_BATCH_SECONDS = 0.05
+TARGET_BATCH_SECONDS = 0.1
+SPLIT_MIN_SECONDS = 0.002  # work smaller than this is not worth a batch of its own (a round trip costs ~0.3 ms)
 MAX_BATCH_ITEMS = 65536
 MAX_BATCH_BYTES = 4 << 20
 MAX_OUTSTANDING_BYTES = 64 << 20
@@ -28,6 +30,7 @@ SILENCE_LIMIT = P.HEARTBEAT_INTERVAL * (P.HEARTBEAT_LIVENESS + 1)  # a broker th
 
 _connections = {}
 _connections_lock = threading.Lock()
+_call_seconds = {}  # function digest -> seconds per call seen in an earlier job (a few hundred kept)
 
 
 class Connection:
@@ -90,7 +93,8 @@ class Job:
         self.outstanding = {}  # first index of a batch -> bytes, until its results arrive
         self.outstanding_bytes = 0
         self.slots = 0
-        self.per_call = None  # seconds one call takes, as measured by the workers
+        self.digest = digest
+        self.per_call = _call_seconds.get(digest)  # seconds one call takes, as measured by the workers
         self.item_bytes = None
         self.progress = progress
         self.sock = conn.socket()
@@ -104,11 +108,13 @@ class Job:
     def batch_size(self):
         if self.per_call is None:
             return 1  # until a result says how long a call takes, spread calls one per slot
-        n = TARGET_BATCH_SECONDS / max(self.per_call, 1e-8)
+        per_call = max(self.per_call, 1e-8)
+        n = TARGET_BATCH_SECONDS / per_call
+        if self.total is not None:  # leave several batches per slot for the end, so no slot idles long
+            n = min(n, max(math.ceil((self.total - self.sent) / (2 * max(self.slots, 1))),
+                           SPLIT_MIN_SECONDS / per_call))
         if self.item_bytes:
             n = min(n, MAX_BATCH_BYTES / self.item_bytes)
-        if self.total is not None:  # leave several batches per slot for the end, so no slot idles long
-            n = min(n, math.ceil((self.total - self.sent) / (2 * max(self.slots, 1))))
         return int(min(max(n, 1), MAX_BATCH_ITEMS))
 
     def fill(self):
@@ -181,6 +187,9 @@ class Job:
             if header.get("t") and header.get("k"):
                 call = header["t"] / header["k"]
                 self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
+                if len(_call_seconds) > 256:
+                    _call_seconds.clear()
+                _call_seconds[self.digest] = self.per_call
             flags = header.get("z") or []
             values = serialize.unpack(flags, payload[:len(flags)]) if flags else []
             if self.progress:

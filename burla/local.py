@@ -47,17 +47,17 @@ class LocalCluster:
         if self.pid != os.getpid():
             return  # a forked child does not own the cluster
         if self._pipe is not None:
-            os.close(self._pipe)  # they exit on their own; the signals below are for the stubborn
+            os.close(self._pipe)  # they see the pipe close and exit on their own
             self._pipe = None
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            for stop in (None, proc.terminate, proc.kill):  # signals only for the stubborn
+                if stop is not None:
+                    stop()
+                try:
+                    proc.wait(timeout=1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def pids(self):

@@ -198,7 +198,12 @@ class Worker:
 
 def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None):
     logging.basicConfig(level=logging.WARNING, format="burla worker: %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def terminate(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: never again inside the cleanup below
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, terminate)
     worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd)
     try:
         worker.run()
