@@ -4,8 +4,7 @@ The function is pickled once per job and sent with the submission. Inputs are pu
 lazily, in batches of consecutive indices, while the number of batches (and bytes) not yet answered stays under a
 window: that window is the client's credit, so memory stays flat whatever the number of inputs. Batch size adapts:
 one input per batch until the first results report how long a call takes, then as many as fill about
-TARGET_BATCH_SECONDS of work, and never so many that the last batches leave slots idle. What a call of a function
-cost is remembered (by the function's digest) for the next job of the same function in this process.
+TARGET_BATCH_SECONDS of work, and never so many that the last batches leave slots idle.
 """
 
 import itertools
@@ -20,6 +19,7 @@ import time
 import zmq
 
 from burla import config, errors, protocol as P, serialize
+from burla.progress import Progress
 
 TARGET_BATCH_SECONDS = 0.1
 SPLIT_MIN_SECONDS = 0.002  # work smaller than this is not worth a batch of its own (a round trip costs ~0.3 ms)
@@ -30,7 +30,6 @@ SILENCE_LIMIT = P.HEARTBEAT_INTERVAL * (P.HEARTBEAT_LIVENESS + 1)  # a broker th
 
 _connections = {}
 _connections_lock = threading.Lock()
-_call_seconds = {}  # function digest -> seconds per call seen in an earlier job (a few hundred kept)
 
 
 class Connection:
@@ -49,6 +48,9 @@ class Connection:
         with self.lock:
             if self.idle:
                 return self.idle.pop()
+        return self.new_socket()
+
+    def new_socket(self):
         sock = P.socket(self.ctx, zmq.DEALER)
         sock.connect(self.address)
         return sock
@@ -58,7 +60,7 @@ class Connection:
             self.idle.append(sock)
 
     def heartbeat(self):
-        sock = self.socket()
+        sock = self.new_socket()
         while True:
             P.send(sock, P.HEARTBEAT, {"c": self.client_id})
             time.sleep(P.HEARTBEAT_INTERVAL)
@@ -78,7 +80,7 @@ def connection(cluster=None):
 
 
 class Job:
-    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, progress):
+    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner):
         try:
             function_bytes, digest = serialize.dumps_function(function_)
         except Exception as e:
@@ -93,10 +95,9 @@ class Job:
         self.outstanding = {}  # first index of a batch -> bytes, until its results arrive
         self.outstanding_bytes = 0
         self.slots = 0
-        self.digest = digest
-        self.per_call = _call_seconds.get(digest)  # seconds one call takes, as measured by the workers
+        self.per_call = None  # seconds one call takes, as measured by the workers
         self.item_bytes = None
-        self.progress = progress
+        self.progress = Progress.create(spinner, self.total)
         self.sock = conn.socket()
         self.heard = time.monotonic()
         header = {"j": self.id, "c": conn.client_id, "d": digest, "cpu": cpu, "ram": ram, "gpu": gpu,
@@ -187,9 +188,6 @@ class Job:
             if header.get("t") and header.get("k"):
                 call = header["t"] / header["k"]
                 self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
-                if len(_call_seconds) > 256:
-                    _call_seconds.clear()
-                _call_seconds[self.digest] = self.per_call
             flags = header.get("z") or []
             values = serialize.unpack(flags, payload[:len(flags)]) if flags else []
             if self.progress:
@@ -303,12 +301,7 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
         spinner = verbose
     del api_key  # authentication arrives with the security work; accepted now so calls need not change
 
-    from burla.progress import Progress
-
-    conn = connection(cluster)
-    total = len(inputs) if hasattr(inputs, "__len__") else None
-    job = Job(conn, function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism,
-              Progress.create(spinner, total))
+    job = Job(connection(cluster), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner)
     if generator:
         return (value for _, values in job.batches() for value in values)
     results = []
