@@ -2,10 +2,13 @@
 
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 
+import psutil
 import pytest
 
 import burla
@@ -94,4 +97,33 @@ def test_broker_death_raises_instead_of_hanging_and_workers_rejoin_a_new_one():
             c.wait_for(1, slots=2)
             assert remote_parallel_map(abs, [-1, -2], cluster=c.address, spinner=False) == [1, 2]
         finally:
+            c.stop()
+
+
+def test_executors_die_with_their_worker_even_mid_call():
+    with tempfile.TemporaryDirectory(prefix="burla-test-") as d:
+        c = Cluster(d)
+        client = None
+        try:
+            c.start_broker()
+            c.start_worker("w", 2)
+            c.wait_for(1)
+            executors = c.executor_pids("w")
+            client = subprocess.Popen([sys.executable, "-c", "import time; from burla import remote_parallel_map; "
+                                       f"remote_parallel_map(time.sleep, [60, 60], cluster={c.address!r})"])
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(w["busy"] for w in c.wait_for(1)["workers"]):
+                time.sleep(0.05)
+            os.kill(c.procs["w"].pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(psutil.pid_exists(p) and
+                                                      psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                                      for p in executors):
+                time.sleep(0.05)
+            assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                           for p in executors)
+        finally:
+            if client is not None:
+                client.kill()
+                client.wait()
             c.stop()

@@ -95,7 +95,7 @@ class Executor:
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.DEALER, identity=self.ident)
         self.sock.connect(self.broker)
-        sys.stdout, sys.stderr = Capture(self.sink, 1), Capture(self.sink, 2)
+        self.streams = Capture(self.sink, 1), Capture(self.sink, 2)
         threading.Thread(target=self.log_loop, daemon=True, name="burla-logs").start()
         self.ready()
         poller = zmq.Poller()
@@ -160,6 +160,7 @@ class Executor:
             return self.reply(reply, frames)
         done = []
         self.job = job
+        sys.stdout, sys.stderr = self.streams  # again: a previous call may have replaced them
         sink = self.sink
         sink.start, sink.done = start, done
         t0 = time.perf_counter()
@@ -228,5 +229,19 @@ def exception_frames(exc):
         return []  # the client raises burla.RemoteError with the type name and message instead
 
 
+def die_with_parent():
+    """Have the kernel kill this process when its worker dies, even in the middle of a long call (Linux)."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the worker died before the request was in place
+        os._exit(1)
+
+
 def main(broker, worker_id, slot, control_fd=None):
+    die_with_parent()
     Executor(broker, worker_id, slot, control_fd).run()
