@@ -269,6 +269,10 @@ class Broker:
                             worker.free_gpus.remove(g)
         self.send(ident, P.HEARTBEAT, {})
         self.dirty = True
+        for job in list(self.jobs.values()):  # jobs that came before any worker: can this cluster run them?
+            if job.done == 0 and not any(w.could_fit(job) for w in self.workers.values()):
+                self.send(job.client, P.REJECTED, {"j": job.id, "e": self.no_fit_message(job)})
+                self.drop_job(job.id)
         if old is None:
             log.info("worker %s joined from %s with %d slots", worker.id, worker.host, worker.nslots)
 

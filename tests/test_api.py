@@ -235,3 +235,28 @@ def test_compression_round_trip_only_where_it_pays():
     flags, frames = serialize.pack([zeros, bytearray(noise)], compress=True)
     assert flags[0] == 1 and sum(len(f) for f in frames) < 1.2 * len(noise)  # zeros shrank, noise stayed raw
     assert serialize.unpack(flags, frames) == [zeros, bytearray(noise)]
+
+
+def test_job_waiting_for_workers_is_rejected_when_the_first_worker_cannot_fit_it(tmp_path):
+    from conftest import Cluster
+
+    c = Cluster(str(tmp_path))
+    try:
+        c.start_broker()
+        failure = []
+
+        def submit():
+            try:
+                remote_parallel_map(abs, [1], func_cpu=64, cluster=c.address, spinner=False)
+            except Exception as e:
+                failure.append(e)
+
+        client = threading.Thread(target=submit)
+        client.start()
+        time.sleep(0.5)  # the job waits: no worker yet
+        assert client.is_alive()
+        c.start_worker("small", 1)
+        client.join(10)
+        assert not client.is_alive() and isinstance(failure[0], burla.NoCompatibleWorkerError)
+    finally:
+        c.stop()
