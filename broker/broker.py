@@ -19,16 +19,20 @@ from burla import protocol as P
 log = logging.getLogger("burla.broker")
 
 PREFETCH = 2  # batches a slot may hold: one running, one waiting, so a slot never idles on a round trip
-MAX_ATTEMPTS = 3  # runs of one batch before its inputs fail with WorkerDiedError
+MAX_ATTEMPTS = 3  # executor deaths while one input runs before that input fails with WorkerDiedError
+STOP_GRACE = 0.5  # seconds a cancelled call has to stop on SIGUSR1 before its executor is killed
 FUNCTION_CACHE = 32  # functions a slot keeps; the executor uses the same size and the same LRU order
 
 
 class Batch:
-    __slots__ = ("header", "frames", "start", "n", "attempt")
+    __slots__ = ("header", "frames", "start", "n", "progress", "isolate", "deaths")
 
     def __init__(self, header, frames):
         self.header, self.frames = header, frames
-        self.start, self.n, self.attempt = header["i"], header["n"], 0
+        self.start, self.n = header["i"], header["n"]
+        self.progress = 0  # inputs with an outcome so far
+        self.isolate = None  # after a crash: run one input per RESULT from this offset, to learn who crashes
+        self.deaths = (0, 0)  # (offset, executor deaths while the input at that offset was running)
 
 
 class Job:
@@ -41,6 +45,7 @@ class Job:
         self.ram = float(header.get("ram", 0))
         self.gpu = gpu_request(header.get("gpu"))
         self.par = header.get("par")
+        self.options = header.get("o") or {}  # r: retries, t: timeout, c: go on after a failed call
         self.queue = collections.deque()
         self.slots = set()
         self.started = time.time()
@@ -109,6 +114,7 @@ class Broker:
         self.jobs = {}  # job id -> Job
         self.clients = {}  # client id -> last seen (monotonic)
         self.order = collections.deque()  # job ids, rotated for fairness between jobs
+        self.stopping = {}  # slot identity -> when to kill its executor if its cancelled call still runs
         self.dirty = False
         self.running = True
         self.handlers = {
@@ -125,7 +131,7 @@ class Broker:
             poller.register(self.parent_fd, zmq.POLLIN)
         next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
         while self.running:
-            timeout = max(0.0, next_beat - time.monotonic())
+            timeout = max(0.0, min([next_beat, *self.stopping.values()]) - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
             if self.parent_fd is not None and self.parent_fd in events:
                 break  # the process that started us is gone (the pipe's write end closed)
@@ -141,6 +147,8 @@ class Broker:
                         log.exception("dropped a message that failed to handle")
                     if not self.sock.poll(0):
                         break
+            if self.stopping:
+                self.check_stopping()
             if self.dirty:
                 self.dispatch()
             if time.monotonic() >= next_beat:
@@ -207,18 +215,40 @@ class Broker:
             self.drop_job(job.id)
 
     def drop_job(self, job_id):
+        """Forget a job: drop its queue and the batches waiting on executors, and stop its running calls."""
         job = self.jobs.pop(job_id, None)
         if job is None:
             return
         job.queue.clear()
         for slot in list(job.slots):
-            # Running calls finish (stopping them is the worker's business); prefetched ones are dropped there.
-            self.send(slot.ident, P.CANCEL, {"j": job.id})
-            for key in [k for k in slot.inflight if k[0] == job.id]:
+            self.send(slot.ident, P.CANCEL, {"j": job.id})  # the executor drops the batches it has not started
+            running = [k for k in slot.inflight if k[0] == job.id]
+            for key in running[1:]:  # an executor runs its batches in order: only the oldest can be running
                 del slot.inflight[key]
                 slot.credit += 1
-            self.unbind(slot)
+            if running:
+                self.stop_call(slot)
+            else:
+                self.unbind(slot)
         self.dirty = True
+
+    def stop_call(self, slot, hard=False):
+        """Ask the slot's worker to interrupt the running call (SIGUSR1), or to kill the executor (SIGKILL)."""
+        worker = self.workers.get(slot.worker_id)
+        if worker is not None:
+            self.send(worker.ident, P.KILL, {"s": slot.ident, "hard": int(hard)})
+        if not hard:
+            self.stopping[slot.ident] = time.monotonic() + STOP_GRACE
+
+    def check_stopping(self):
+        now = time.monotonic()
+        for ident, deadline in list(self.stopping.items()):
+            slot = self.slots.get(ident)
+            if slot is None or slot.job is None or slot.job.id in self.jobs:
+                del self.stopping[ident]  # stopped (or gone)
+            elif now >= deadline:
+                del self.stopping[ident]
+                self.stop_call(slot, hard=True)  # the call ignored the signal (C code, say)
 
     def on_heartbeat(self, ident, h, payload):
         if "c" in h:
@@ -294,16 +324,24 @@ class Broker:
         if slot is not None and slot.worker_id == h.get("w"):
             self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}")
 
-    def on_result(self, ident, h, payload, command=P.RESULT):
+    def on_result(self, ident, h, payload):
         slot = self.slots.get(ident)
         job = self.jobs.get(h.get("j"))
         if slot is None:
             self.send(ident, P.RECONNECT, {})
-        elif slot.inflight.pop((h.get("j"), h.get("i")), None) is not None:
-            slot.credit += 1
-            self.dirty = True
+        else:
+            key = (h.get("j"), h.get("i"))
+            entry = slot.inflight.get(key)
+            if entry is not None:
+                entry[1].progress = h.get("o", 0) + h.get("k", 0) + len(h.get("e") or ())
+                if h.get("f"):
+                    del slot.inflight[key]
+                    slot.credit += 1
+                    self.dirty = True
+                    if slot.job is not None and slot.job.id not in self.jobs and not slot.inflight:
+                        self.unbind(slot)  # a cancelled job's last call has stopped
         if job is not None:
-            job.done += h.get("k", 0)
+            job.done += h.get("k", 0) + len(h.get("e") or ())
             self.send(job.client, P.RESULT, h, payload)
 
     def on_log(self, ident, h, payload):
@@ -331,17 +369,29 @@ class Broker:
         log.warning("worker %s removed: %s", worker.id, why)
 
     def requeue(self, job, batch, why):
+        """An executor died holding this batch: run it again, from the first input without an outcome. When the
+        input that was running is known (one input left, or the batch ran in isolation), charge it; an input that
+        killed MAX_ATTEMPTS executors fails with WorkerDiedError and the rest of the batch goes on."""
         if self.jobs.get(job.id) is not job:
             return
-        batch.attempt += 1
-        if batch.attempt < MAX_ATTEMPTS:
-            job.queue.appendleft(batch)
-            return
-        last = batch.start + batch.n - 1
-        error = {"i": batch.start, "type": "burla.WorkerDiedError", "tb": "", "input": "",
-                 "msg": f"inputs {batch.start}..{last} were being run {batch.attempt} times by a worker that died; "
-                        f"last time {why}"}
-        self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "n": batch.n, "k": 0, "e": error})
+        if batch.isolate is not None or batch.n - batch.progress == 1:
+            at, deaths = batch.deaths
+            deaths = deaths + 1 if at == batch.progress else 1
+            batch.deaths = (batch.progress, deaths)
+            if deaths >= MAX_ATTEMPTS:
+                index = batch.start + batch.progress
+                error = {"i": index, "type": "burla.WorkerDiedError", "tb": "", "input": "",
+                         "msg": f"input {index} was running when its worker process died, {deaths} times "
+                                f"(last time {why})"}
+                batch.progress += 1
+                final = batch.progress >= batch.n
+                job.done += 1
+                self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "o": batch.progress - 1, "k": 0,
+                                                 "e": [error], "f": int(final)})
+                if final:
+                    return
+        batch.isolate = batch.progress
+        job.queue.appendleft(batch)
 
     # ---------------------------------------------------------------- scheduling
     def bind(self, slot, worker, job):
@@ -408,6 +458,10 @@ class Broker:
 
     def send_task(self, slot, job, batch):
         header = dict(batch.header, d=job.digest)
+        if job.options:
+            header["o"] = job.options
+        if batch.isolate is not None:
+            header["x"] = batch.isolate
         payload = batch.frames
         if job.digest in slot.functions:
             slot.functions.move_to_end(job.digest)

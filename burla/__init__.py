@@ -5,9 +5,9 @@
 """
 
 from burla.client import remote_parallel_map
-from burla.errors import (BurlaError, ClusterConnectionError, NoCompatibleWorkerError, RemoteError,
-                          WorkerDiedError)
+from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, NoCompatibleWorkerError,
+                          RemoteError, WorkerDiedError)
 
 __version__ = "0.1.0"
-__all__ = ["remote_parallel_map", "BurlaError", "ClusterConnectionError", "NoCompatibleWorkerError",
+__all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError", "NoCompatibleWorkerError",
            "RemoteError", "WorkerDiedError"]

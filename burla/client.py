@@ -80,7 +80,8 @@ def connection(cluster=None):
 
 
 class Job:
-    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner):
+    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options,
+                 return_exceptions):
         try:
             function_bytes, digest = serialize.dumps_function(function_)
         except Exception as e:
@@ -92,16 +93,17 @@ class Job:
         self.total = len(inputs) if hasattr(inputs, "__len__") else None
         self.sent = 0  # inputs sent so far; also the index of the next one
         self.exhausted = False
-        self.outstanding = {}  # first index of a batch -> bytes, until its results arrive
+        self.outstanding = {}  # first index of a batch -> Pending, until every input of it has an outcome
         self.outstanding_bytes = 0
         self.slots = 0
         self.per_call = None  # seconds one call takes, as measured by the workers
         self.item_bytes = None
         self.progress = Progress.create(spinner, self.total)
+        self.return_exceptions = return_exceptions
         self.sock = conn.socket()
         self.heard = time.monotonic()
         header = {"j": self.id, "c": conn.client_id, "d": digest, "cpu": cpu, "ram": ram, "gpu": gpu,
-                  "par": parallelism}
+                  "par": parallelism, "o": options}
         P.send(self.sock, P.SUBMIT, header, [function_bytes])
         self.closed = False
 
@@ -143,7 +145,7 @@ class Job:
             raise
         size = sum(len(f) for f in frames)
         P.send(self.sock, P.BATCH, {"j": self.id, "i": self.sent, "n": len(items), "z": flags}, frames)
-        self.outstanding[self.sent] = size
+        self.outstanding[self.sent] = Pending(len(items), size)
         self.outstanding_bytes += size
         item = size / len(items)
         self.item_bytes = item if self.item_bytes is None else 0.5 * (self.item_bytes + item)
@@ -168,9 +170,8 @@ class Job:
                     self.heard = time.monotonic()
                     if header.get("j") != self.id:
                         continue  # left over from an earlier job on this socket
-                    done = self.handle(command, header, payload)
-                    if done is not None:
-                        yield done
+                    for run in self.handle(command, header, payload):
+                        yield run
                     if not self.sock.poll(0):
                         break
                 self.fill()
@@ -181,27 +182,45 @@ class Job:
 
     def handle(self, command, header, payload):
         if command == P.RESULT:
-            size = self.outstanding.pop(header["i"], None)
-            if size is None:
-                return None  # a batch that ran twice (its first worker was presumed dead): keep the first
-            self.outstanding_bytes -= size
-            if header.get("t") and header.get("k"):
-                call = header["t"] / header["k"]
-                self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
-            flags = header.get("z") or []
-            values = serialize.unpack(flags, payload[:len(flags)]) if flags else []
-            if self.progress:
-                self.progress.advance(len(values))
-            if "e" in header:
-                raise remote_exception(header["e"], payload[len(flags):])
-            return header["i"], values
+            return self.on_result(header, payload)
         if command == P.LOG:
             write_lines(header["l"], self.progress)
         elif command in (P.ACCEPTED, P.HEARTBEAT):
             self.slots = header.get("s", self.slots)
         elif command == P.REJECTED:
             raise errors.NoCompatibleWorkerError(header["e"])
-        return None
+        return ()
+
+    def on_result(self, header, payload):
+        """The outcomes in a RESULT as (first index, values) runs; raises a failed call's exception unless the job
+        returns exceptions in place. Outcomes seen before (a batch re-run after its worker was presumed dead) are
+        dropped, so every input ends in exactly one outcome."""
+        start = header["i"]
+        pending = self.outstanding.get(start)
+        if pending is None:
+            return []
+        if header.get("t") and header.get("k"):
+            call = header["t"] / header["k"]
+            self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
+        flags = header.get("z") or []
+        values = serialize.unpack(flags, payload[:len(flags)]) if flags else []
+        offset = header.get("o", 0)
+        failures = header.get("e") or []
+        if failures:
+            exceptions = [remote_exception(info, payload[len(flags) + k:len(flags) + k + 1])
+                          for k, info in enumerate(failures)]
+            if not self.return_exceptions:
+                raise exceptions[0]
+            values = values + exceptions
+            if header.get("all"):  # one error for every input of the batch from the offset on
+                values += [exceptions[0]] * (pending.n - offset - len(values))
+        runs = pending.take(offset, values)
+        if pending.left == 0:
+            del self.outstanding[start]
+            self.outstanding_bytes -= pending.size
+        if self.progress:
+            self.progress.advance(sum(len(v) for _, v in runs))
+        return [(start + k, v) for k, v in runs]
 
     def close(self, command):
         self.closed = True
@@ -212,6 +231,37 @@ class Job:
         self.conn.release(self.sock)
         if self.progress:
             self.progress.close()
+
+
+class Pending:
+    """A batch sent and not yet complete: which of its n inputs have an outcome."""
+
+    __slots__ = ("n", "size", "left", "seen")
+
+    def __init__(self, n, size):
+        self.n, self.size, self.left, self.seen = n, size, n, None
+
+    def take(self, offset, values):
+        """Record outcomes for inputs offset.. and return the new ones as (offset, values) runs."""
+        if self.seen is None and offset == 0 and len(values) == self.n:
+            self.left = 0  # the common case: the whole batch at once
+            return [(0, values)]
+        if self.seen is None:
+            self.seen = bytearray(self.n)
+        runs, run_start = [], None
+        for k in range(len(values)):
+            if self.seen[offset + k]:
+                if run_start is not None:
+                    runs.append((offset + run_start, values[run_start:k]))
+                    run_start = None
+                continue
+            self.seen[offset + k] = 1
+            self.left -= 1
+            if run_start is None:
+                run_start = k
+        if run_start is not None:
+            runs.append((offset + run_start, values[run_start:]))
+        return runs
 
 
 def write_lines(lines, progress):
@@ -269,7 +319,8 @@ def remote_exception(info, frames):
 
 
 def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None,
-                        generator=False, spinner=True, api_key=None, cluster=None, parallelism=None, verbose=None):
+                        generator=False, spinner=True, retries=0, timeout=None, return_exceptions=False,
+                        api_key=None, cluster=None, parallelism=None, verbose=None):
     """Call function_(x) for every x in inputs, in parallel on the cluster's workers.
 
     Returns the results as a list in input order, or with generator=True an iterator yielding them as they
@@ -278,6 +329,9 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
 
     func_cpu / func_ram (GB) / func_gpu ("A100", "A100:2" or a count): what one call needs; calls only run
     where that fits. max_parallelism caps concurrent calls (parallelism=-1 is the older spelling of no cap).
+    retries: run a call that raised up to this many more times. timeout: seconds a call may run before it is
+    stopped and counts as failed (burla.CallTimeoutError). return_exceptions: failed inputs come back as their
+    exception, in place, and the job goes on.
     cluster: "tcp://HOST:PORT", "local", or None for $BURLA_CLUSTER / ~/.burla/config.toml / the embedded cluster.
     """
     if not callable(function_):
@@ -299,9 +353,15 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
         raise ValueError(f"max_parallelism must be a positive integer or None, not {max_parallelism!r}")
     if verbose is not None:
         spinner = verbose
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+    options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
     del api_key  # authentication arrives with the security work; accepted now so calls need not change
 
-    job = Job(connection(cluster), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner)
+    job = Job(connection(cluster), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
+              options, return_exceptions)
     if generator:
         return (value for _, values in job.batches() for value in values)
     results = []

@@ -20,6 +20,10 @@ class WorkerDiedError(BurlaError):
     """The worker process running these inputs died, every time they were tried."""
 
 
+class CallTimeoutError(BurlaError, TimeoutError):
+    """A call ran longer than the job's timeout= and was stopped."""
+
+
 class NoCompatibleWorkerError(BurlaError):
     """No worker in the cluster could ever run the call's func_cpu / func_ram / func_gpu."""
 

@@ -14,7 +14,8 @@ import zmq
 VERSION = b"B1"
 
 # client -> broker
-SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, cpu, ram, gpu, par}  payload: [function]
+SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, cpu, ram, gpu, par, o: options}  payload: [function]
+# options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job}
 BATCH = b"B"  # {j, i, n, z: compressed flags}  payload: pickled inputs
 END = b"E"  # {j}: the client has every outcome; the broker forgets the job
 CANCEL = b"C"  # {j}
@@ -22,14 +23,18 @@ STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...]}
 # broker -> client
 ACCEPTED = b"A"  # {j, s: slots that fit the job}
 REJECTED = b"X"  # {j, e: message}
-RESULT = b"R"  # {j, i, n, t: seconds computing, w: slot, z, e?: error}  payload: results [, exception]
+RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [errors], f: 1 on a batch's last,
+#                 t: seconds computing, w: slot, z}  payload: results, then one pickled exception per error
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid}
 SLOT_DIED = b"D"  # {w, s: slot identity, code: exit code or -signal}
+# broker -> worker
+KILL = b"K"  # {s: slot identity, hard: 0 = interrupt the running call (SIGUSR1), 1 = kill the executor}
 # executor (one slot) <-> broker
 READY = b"Y"  # {w, k: batches it can hold}
-TASK = b"T"  # {j, i, n, d, z, f: function frame first}  payload: [function,] inputs
+TASK = b"T"  # {j, i, n, d, z, f: function frame first, o: options, x: isolate from this offset}
+#               payload: [function,] inputs
 # broker -> anyone it does not know (it restarted, or declared the peer dead): register again
 RECONNECT = b"Z"
 # any direction; any message counts as a sign of life
@@ -38,7 +43,8 @@ HEARTBEAT = b"H"
 HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead
 
-# An error header "e": {i: input index, type: "module.Name", msg, tb: remote traceback text, input: repr}.
+# An error in "e": {i: input index, type: "module.Name", msg, tb: remote traceback text, input: repr}; "all": 1
+# when one error stands for every input of the batch from "o" on (the batch could not be loaded).
 
 
 class ProtocolError(Exception):

@@ -10,6 +10,7 @@ import collections
 import io
 import os
 import reprlib
+import signal
 import sys
 import threading
 import time
@@ -25,6 +26,10 @@ FUNCTION_CACHE = 32  # the broker assumes the same size and LRU order (see broke
 LOG_LINGER = 0.02  # seconds a first pending line waits for company before it is sent
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 200
+
+
+class Cancelled(BaseException):
+    """Raised inside a running call when its job is cancelled (the worker signals SIGUSR1)."""
 
 
 class LogSink:
@@ -96,6 +101,9 @@ class Executor:
         self.sock = P.socket(self.ctx, zmq.DEALER, identity=self.ident)
         self.sock.connect(self.broker)
         self.streams = Capture(self.sink, 1), Capture(self.sink, 2)
+        self.calling = False
+        signal.signal(signal.SIGUSR1, self.on_cancel_signal)
+        signal.signal(signal.SIGALRM, on_timeout)
         threading.Thread(target=self.log_loop, daemon=True, name="burla-logs").start()
         self.ready()
         poller = zmq.Poller()
@@ -112,6 +120,10 @@ class Executor:
                     self.handle(*P.recv(self.sock)[1:])
             if self.tasks:
                 self.run_task(*self.tasks.popleft())
+
+    def on_cancel_signal(self, *_):
+        if self.calling:  # only ever a call: never the executor's own work between calls
+            raise Cancelled("the job was cancelled")
 
     def ready(self):
         with self.lock:
@@ -149,49 +161,89 @@ class Executor:
         return self.functions[digest], payload
 
     def run_task(self, header, payload):
-        job, start, n = header["j"], header["i"], header["n"]
-        reply = {"j": job, "i": start, "n": n, "w": self.ident.decode()}
-        frames = []
+        """Run one batch. Results go back in one RESULT, or in several when calls fail and the job goes on, or one
+        per input in isolation mode (a re-run after this batch crashed an executor: the broker learns which
+        input was running when a process dies)."""
+        job, start = header["j"], header["i"]
+        options, isolate = header.get("o") or {}, header.get("x")
+        first = isolate or 0
+        self.job = job
+        sys.stdout, sys.stderr = self.streams  # again: a previous call may have replaced them
         try:
             function, payload = self.function(header, payload)
             inputs = serialize.unpack(header.get("z"), payload)
         except BaseException as e:
-            reply.update(k=0, t=0.0, e=error_info(e, start, "<input not loaded>", "loading the function or inputs"))
-            return self.reply(reply, frames)
-        done = []
-        self.job = job
-        sys.stdout, sys.stderr = self.streams  # again: a previous call may have replaced them
-        sink = self.sink
-        sink.start, sink.done = start, done
-        t0 = time.perf_counter()
-        try:
-            # extend() keeps what map() produced before an exception, so len(done) names the failing input
-            done.extend(map(function, inputs))
-        except BaseException as e:
-            failed = start + len(done)
-            reply["e"] = error_info(e, failed, inputs[len(done)])
-            frames = exception_frames(e)
-        reply["t"] = time.perf_counter() - t0
-        sink.finish_lines()
+            info = error_info(e, start + first, "<not loaded>", "loading the function or inputs")
+            return self.reply({"j": job, "i": start, "o": first, "k": 0, "e": [info], "all": 1, "f": 1}, [], [e])
+        one_by_one = isolate is not None or options.get("r") or options.get("t")
+        k = first
+        while k < len(inputs):
+            done, error = [], None
+            self.sink.start, self.sink.done = start + k, done
+            t0 = time.perf_counter()
+            self.calling = True
+            try:
+                if isolate is not None:
+                    done.append(self.call(function, inputs[k], options))
+                elif one_by_one:
+                    for value in inputs[k:] if k else inputs:
+                        done.append(self.call(function, value, options))
+                else:
+                    # extend() keeps what map() produced before an exception: len(done) names the failing input
+                    done.extend(map(function, inputs[k:] if k else inputs))
+            except BaseException as e:
+                error = e
+            finally:
+                self.calling = False
+            elapsed = time.perf_counter() - t0
+            self.sink.finish_lines()
+            end = k + len(done) + (error is not None)
+            stop = error is not None and (isinstance(error, Cancelled) or not options.get("c"))
+            last = stop or end >= len(inputs)
+            self.send_result(job, start, k, done, error, inputs, elapsed, last)
+            k = end
+            if stop:
+                break
+
+    def call(self, function, value, options):
+        """One call with the job's retries and per-call timeout."""
+        timeout = options.get("t")
+        for attempt in range(int(options.get("r") or 0) + 1):
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                return function(value)
+            except Cancelled:
+                raise
+            except BaseException:
+                if attempt == int(options.get("r") or 0):
+                    raise
+            finally:
+                if timeout:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def send_result(self, job, start, offset, done, error, inputs, elapsed, last):
+        reply = {"j": job, "i": start, "o": offset, "t": elapsed, "w": self.ident.decode()}
+        errors = []
+        if error is not None:
+            at = offset + len(done)
+            errors.append((error_info(error, start + at, inputs[at]), error))
         try:
             flags, packed = serialize.pack(done, self.compress)
         except Exception:
-            done, flags, packed, reply["e"], frames = self.pack_until_unpicklable(done, inputs)
-        reply["k"] = len(done)
-        reply["z"] = flags
-        self.reply(reply, packed + frames)
+            k = next(k for k, v in enumerate(done) if not picklable(v))
+            bad = TypeError(f"the result of input {start + offset + k} could not be pickled: "
+                                 f"{_repr.repr(done[k])}")
+            errors = [(error_info(bad, start + offset + k, inputs[offset + k]), bad)]
+            done = done[:k]
+            flags, packed = serialize.pack(done, self.compress)
+            last = True
+        reply.update(k=len(done), z=flags, e=[info for info, _ in errors], f=int(last))
+        self.reply(reply, packed, [exc for _, exc in errors])
 
-    def pack_until_unpicklable(self, done, inputs):
-        for k, value in enumerate(done):
-            try:
-                serialize.pack(value)
-            except Exception as e:
-                info = error_info(e, self.sink.start + k, inputs[k], f"pickling the result {_repr.repr(value)}")
-                flags, packed = serialize.pack(done[:k], self.compress)
-                return done[:k], flags, packed, info, exception_frames(e)
-        raise AssertionError("a list failed to pickle but each of its items pickled")
-
-    def reply(self, header, frames):
+    def reply(self, header, frames, exceptions):
+        header.setdefault("w", self.ident.decode())
+        frames = list(frames) + [exception_frame(e) for e in exceptions]
         with self.lock:
             lines = self.sink.take()
             if lines:
@@ -209,10 +261,16 @@ class Executor:
                     P.send(self.sock, P.LOG, {"j": self.job, "w": self.ident.decode(), "l": lines})
 
 
+def on_timeout(*_):
+    from burla.errors import CallTimeoutError
+
+    raise CallTimeoutError("the call ran past the job's timeout")
+
+
 def error_info(exc, index, value, while_=None):
     tb = exc.__traceback__
-    # Leave out the executor's own frame: the user's frames are the story.
-    if tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    # Leave out the executor's own frames: the user's frames are the story.
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
         tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     if while_:
@@ -222,11 +280,19 @@ def error_info(exc, index, value, while_=None):
             "input": _repr.repr(value)}
 
 
-def exception_frames(exc):
+def exception_frame(exc):
     try:
-        return [serialize.serialize_exception(exc)]
+        return serialize.serialize_exception(exc)
     except Exception:
-        return []  # the client raises burla.RemoteError with the type name and message instead
+        return b""  # the client raises burla.RemoteError with the type name and message instead
+
+
+def picklable(value):
+    try:
+        serialize.pack(value)
+        return True
+    except Exception:
+        return False
 
 
 def die_with_parent():

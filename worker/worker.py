@@ -179,6 +179,8 @@ class Worker:
                     heard = time.monotonic()
                     if command == P.RECONNECT:
                         self.rejoin()
+                    elif command == P.KILL:
+                        self.signal_slot(header.get("s", b""), signal.SIGKILL if header.get("hard") else signal.SIGUSR1)
                 now = time.monotonic()
                 if now - heard > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
                     log.warning("no word from the broker for %.1f s; registering again", now - heard)
@@ -190,6 +192,14 @@ class Worker:
         finally:
             self.stop_executors()
             self.sock.close(0)
+
+    def signal_slot(self, ident, signum):
+        prefix, _, index = ident.decode(errors="replace").rpartition("/")
+        if prefix == self.id and index.isdigit() and int(index) < len(self.slots):
+            try:
+                os.kill(self.slots[int(index)].pid, signum)
+            except (ProcessLookupError, TypeError):
+                pass
 
     def rejoin(self):
         self.register()

@@ -1,0 +1,140 @@
+"""retries, timeout, return_exceptions; calls that crash their executor; cancel that really stops running calls."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import burla
+from burla import remote_parallel_map
+
+
+@pytest.fixture
+def rpm(cluster):
+    def run(function_, inputs, **kwargs):
+        return remote_parallel_map(function_, inputs, cluster=cluster.address, spinner=False, **kwargs)
+
+    return run
+
+
+def flaky(x, _tries={}):
+    """Fails the first two times it sees each input (state lives in the executor that runs it)."""
+    _tries[x] = _tries.get(x, 0) + 1
+    if _tries[x] < 3:
+        raise ValueError(f"attempt {_tries[x]} on {x}")
+    return x
+
+
+def test_retries_rerun_failed_calls(rpm):
+    assert rpm(flaky, range(20), retries=2) == list(range(20))
+    with pytest.raises(ValueError, match="attempt 2"):
+        rpm(flaky, range(100, 110), retries=1)
+
+
+def test_return_exceptions_puts_failures_in_place(rpm):
+    def odd_only(x):
+        if x % 2 == 0:
+            raise KeyError(x)
+        return x
+
+    out = rpm(odd_only, range(200), return_exceptions=True)
+    assert [v for v in out[1::2]] == list(range(1, 200, 2))
+    assert all(isinstance(e, KeyError) and e.burla_input_index == i for i, e in zip(range(0, 200, 2), out[0::2]))
+
+
+def test_timeout_stops_a_long_call(rpm):
+    def slow_on_one(x):
+        if x == 1:
+            time.sleep(30)
+        return x
+
+    start = time.monotonic()
+    out = rpm(slow_on_one, range(4), timeout=0.5, return_exceptions=True)
+    assert time.monotonic() - start < 10
+    assert out[0] == 0 and out[2:] == [2, 3]
+    assert isinstance(out[1], burla.CallTimeoutError) and out[1].burla_input_index == 1
+    with pytest.raises(TimeoutError):
+        rpm(slow_on_one, [1], timeout=0.2)
+
+
+def crash(x):
+    if x == 7:
+        os._exit(13)
+    if x == 11:
+        import ctypes
+
+        ctypes.string_at(0)  # segmentation fault
+    return x
+
+
+def test_inputs_that_crash_the_interpreter_fail_alone(rpm):
+    out = rpm(crash, range(40), return_exceptions=True)
+    assert [out[i] for i in range(40) if i not in (7, 11)] == [i for i in range(40) if i not in (7, 11)]
+    assert isinstance(out[7], burla.WorkerDiedError) and "exit code 13" in str(out[7])
+    assert isinstance(out[11], burla.WorkerDiedError) and "SIGSEGV" in str(out[11])
+    assert out[7].burla_input_index == 7 and out[11].burla_input_index == 11
+
+
+def test_executors_killed_at_random_twenty_times(cluster, rpm):
+    rng = random.Random(7)
+
+    def noisy(x):
+        print(f"line {x}")
+        time.sleep(0.004)
+        return x * 3
+
+    for round_ in range(20):
+        victim = rng.choice(cluster.executor_pids("w1"))
+        delay = rng.uniform(0.0, 0.3)
+        proc = subprocess.Popen(["sh", "-c", f"sleep {delay:.3f}; kill -9 {victim}"])
+        out = rpm(noisy, range(150))
+        proc.wait()
+        assert out == [x * 3 for x in range(150)], f"round {round_}"
+        deadline = time.monotonic() + 5  # the worker restarts the executor before the next round
+        while len(cluster.executor_pids("w1")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def busy_slots(cluster):
+    return sum(w["busy"] for w in cluster.wait_for(1)["workers"])
+
+
+CLIENT = """
+import sys, time, re
+from burla import remote_parallel_map
+def long_call(x):
+    if x == 0:
+        re.match(r"(a+)+$", "a" * 40 + "b")  # catastrophic backtracking: C code that ignores signals
+    time.sleep(60)
+print("submitting", flush=True)
+remote_parallel_map(long_call, range(8), cluster=sys.argv[1], spinner=False)
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "client-killed"])
+def test_cancel_stops_running_calls(cluster, tmp_path, how):
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    env = dict(os.environ, BURLA_HEARTBEAT_INTERVAL="0.5")
+    client = subprocess.Popen([sys.executable, str(script), cluster.address], stdout=subprocess.PIPE, env=env)
+    try:
+        client.stdout.readline()
+        deadline = time.monotonic() + 10
+        while busy_slots(cluster) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert busy_slots(cluster) == 2
+        client.send_signal(how)
+        start = time.monotonic()
+        while busy_slots(cluster) and time.monotonic() - start < 10:
+            time.sleep(0.05)
+        freed = time.monotonic() - start
+        assert busy_slots(cluster) == 0
+        assert freed < (2.0 if how == signal.SIGINT else 5.0)
+    finally:
+        client.kill()
+        client.wait()
+    assert remote_parallel_map(abs, [-1, -2], cluster=cluster.address, spinner=False) == [1, 2]
