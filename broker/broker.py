@@ -29,23 +29,26 @@ class Batch:
 
     def __init__(self, header, frames):
         self.header, self.frames = header, frames
-        self.start, self.n = header["i"], header["n"]
+        self.start, self.n = field(header, "i", int), field(header, "n", int)
+        if self.start < 0 or self.n < 1:
+            raise P.ProtocolError("BATCH with an impossible range")
         self.progress = 0  # inputs with an outcome so far
         self.isolate = None  # after a crash: run one input per RESULT from this offset, to learn who crashes
         self.deaths = (0, 0)  # (offset, executor deaths while the input at that offset was running)
 
 
 class Job:
-    def __init__(self, ident, header, function):
-        self.id = header["j"]
+    def __init__(self, ident, header, function, owner):
+        self.id = field(header, "j", bytes)
         self.client = ident  # the client socket to send results to
-        self.client_id = header.get("c", b"")
+        self.client_id = field(header, "c", bytes, b"")
+        self.owner = owner  # the submitter's role: only it may feed, end or cancel the job, or see it
         self.function, self.digest = function, header["d"]
-        self.cpu = float(header.get("cpu", 1))
-        self.ram = float(header.get("ram", 0))
+        self.cpu = float(field(header, "cpu", (int, float), 1))
+        self.ram = float(field(header, "ram", (int, float), 0))
         self.gpu = gpu_request(header.get("gpu"))
-        self.par = header.get("par")
-        self.options = header.get("o") or {}  # r: retries, t: timeout, c: go on after a failed call
+        self.par = field(header, "par", (int, type(None)))
+        self.options = field(header, "o", (dict, type(None))) or {}  # r: retries, t: timeout, c: go on after a failed call
         self.queue = collections.deque()
         self.slots = set()
         self.started = time.time()
@@ -53,16 +56,27 @@ class Job:
         self.sent = 0  # inputs the client has submitted so far
 
 
+def field(header, key, kind, default=None):
+    """header[key] if it is of the expected type (bool is not a number), else ProtocolError."""
+    value = header.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise P.ProtocolError(f"field {key!r} is not {getattr(kind, '__name__', kind)}")
+    return value
+
+
 class Worker:
     def __init__(self, ident, header):
         self.ident = ident
-        self.id = header["w"]
-        self.host = header.get("host", "?")
-        self.pid = header.get("pid")
-        self.nslots = int(header.get("slots", 1))
-        self.cpu = float(header.get("cpu", 1))
-        self.ram = float(header.get("ram", 0))
-        self.gpus = list(header.get("gpu") or [])
+        self.id = field(header, "w", str)
+        self.host = field(header, "host", str, "?")
+        self.pid = field(header, "pid", (int, type(None)))
+        self.nslots = field(header, "slots", int, 1)
+        self.cpu = float(field(header, "cpu", (int, float), 1))
+        self.ram = float(field(header, "ram", (int, float), 0))
+        self.gpus = field(header, "gpu", list, [])
+        if not (0 < self.nslots <= 100_000 and self.cpu >= 0 and self.ram >= 0) or \
+                not all(isinstance(g, str) for g in self.gpus):
+            raise P.ProtocolError("REGISTER with impossible resources")
         self.free_cpu, self.free_ram, self.free_gpus = self.cpu, self.ram, list(self.gpus)
         self.slots = set()
         self.last_seen = time.monotonic()
@@ -75,9 +89,8 @@ class Worker:
 
 
 class Slot:
-    def __init__(self, ident, worker_id, pid):
-        self.ident, self.worker_id, self.pid = ident, worker_id, pid
-        self.name = ident.decode(errors="replace")
+    def __init__(self, ident, name, worker_id, pid):
+        self.ident, self.name, self.worker_id, self.pid = ident, name, worker_id, pid
         self.job = None
         self.claim = None  # (cpu, ram, gpus) held on the worker while bound to a job
         self.inflight = collections.OrderedDict()  # (job id, start) -> (Job, Batch)
@@ -103,14 +116,17 @@ def gpus_match(available, request):
 
 
 class Broker:
-    def __init__(self, bind, parent_fd=None):
+    def __init__(self, bind, parent_fd=None, keys=None):
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.ROUTER)
+        self.auth = keys.serve(self.ctx, self.sock) if keys is not None else None
         self.sock.bind(bind)
+        self.drops, self.drops_logged = 0, 0.0
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.parent_fd = parent_fd
         self.workers = {}  # worker id -> Worker
-        self.slots = {}  # slot identity -> Slot
+        self.slots = {}  # slot's connection identity -> Slot
+        self.slot_names = {}  # "worker id/index" -> connection identity
         self.jobs = {}  # job id -> Job
         self.clients = {}  # client id -> last seen (monotonic)
         self.order = collections.deque()  # job ids, rotated for fairness between jobs
@@ -138,13 +154,13 @@ class Broker:
             if self.sock in events:
                 for _ in range(1000):  # drain, but let heartbeats through under a flood
                     try:
-                        self.handle(*P.recv(self.sock, router=True))
+                        self.handle(*P.recv_routed(self.sock))
                     except zmq.Again:
                         break
                     except P.ProtocolError as e:
-                        log.warning("dropped a malformed message: %s", e)
-                    except Exception:
-                        log.exception("dropped a message that failed to handle")
+                        self.dropped(str(e))
+                    except (KeyError, TypeError, ValueError, AttributeError) as e:
+                        self.dropped(f"{type(e).__name__}: {e}")
                     if not self.sock.poll(0):
                         break
             if self.stopping:
@@ -156,11 +172,21 @@ class Broker:
                 next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
         self.sock.close(0)
 
-    def handle(self, ident, command, header, payload):
+    def handle(self, ident, role, command, header, payload):
         handler = self.handlers.get(command)
         if handler is None:
             raise P.ProtocolError(f"unknown command {command!r}")
-        handler(ident, header, payload)
+        if role is not None and command not in (P.WORKER_COMMANDS if role == "worker" else P.CLIENT_COMMANDS):
+            raise P.ProtocolError(f"a {role.partition(':')[0]} may not send {command!r}")
+        handler(ident, header, payload, role)
+
+    def dropped(self, why):
+        """Count a dropped message; say so at most once a second, so a flood of junk cannot flood the log."""
+        self.drops += 1
+        now = time.monotonic()
+        if now - self.drops_logged >= 1.0:
+            log.warning("dropped %d malformed or forbidden message(s); latest: %s", self.drops, why)
+            self.drops, self.drops_logged = 0, now
 
     def send(self, ident, command, header, payload=()):
         """Send, reporting whether the peer is still connected (ROUTER_MANDATORY)."""
@@ -173,10 +199,12 @@ class Broker:
             return False
 
     # ---------------------------------------------------------------- clients
-    def on_submit(self, ident, h, payload):
+    def on_submit(self, ident, h, payload, role=None):
         if not payload:
             raise P.ProtocolError("SUBMIT without a function")
-        job = Job(ident, h, payload[0])
+        job = Job(ident, h, payload[0], role)
+        if job.id in self.jobs:
+            raise P.ProtocolError("SUBMIT of a job id already in use")
         self.clients[job.client_id] = time.monotonic()
         if self.workers and not any(w.could_fit(job) for w in self.workers.values()):
             self.send(ident, P.REJECTED, {"j": job.id, "e": self.no_fit_message(job)})
@@ -197,21 +225,23 @@ class Broker:
         n = sum(len(w.slots) if w.could_fit(job) else 0 for w in self.workers.values())
         return min(n, job.par) if job.par else n
 
-    def on_batch(self, ident, h, payload):
+    def on_batch(self, ident, h, payload, role=None):
         job = self.jobs.get(h.get("j"))
-        if job is None:
+        if job is None or job.owner != role:
             return  # cancelled or finished: the client will not wait for it
         batch = Batch(h, payload)
         job.queue.append(batch)
         job.sent = max(job.sent, batch.start + batch.n)
         self.dirty = True
 
-    def on_end(self, ident, h, payload):
-        self.drop_job(h.get("j"))
-
-    def on_cancel(self, ident, h, payload):
+    def on_end(self, ident, h, payload, role=None):
         job = self.jobs.get(h.get("j"))
-        if job is not None and job.client == ident:
+        if job is not None and job.owner == role:
+            self.drop_job(job.id)
+
+    def on_cancel(self, ident, h, payload, role=None):
+        job = self.jobs.get(h.get("j"))
+        if job is not None and job.owner == role:
             self.drop_job(job.id)
 
     def drop_job(self, job_id):
@@ -236,7 +266,7 @@ class Broker:
         """Ask the slot's worker to interrupt the running call (SIGUSR1), or to kill the executor (SIGKILL)."""
         worker = self.workers.get(slot.worker_id)
         if worker is not None:
-            self.send(worker.ident, P.KILL, {"s": slot.ident, "hard": int(hard)})
+            self.send(worker.ident, P.KILL, {"s": slot.name, "hard": int(hard)})
         if not hard:
             self.stopping[slot.ident] = time.monotonic() + STOP_GRACE
 
@@ -250,7 +280,7 @@ class Broker:
                 del self.stopping[ident]
                 self.stop_call(slot, hard=True)  # the call ignored the signal (C code, say)
 
-    def on_heartbeat(self, ident, h, payload):
+    def on_heartbeat(self, ident, h, payload, role=None):
         if "c" in h:
             self.clients[h["c"]] = time.monotonic()
         elif ident in self.slots:
@@ -262,10 +292,11 @@ class Broker:
             else:
                 worker.last_seen = time.monotonic()
 
-    def on_status(self, ident, h, payload):
-        self.send(ident, P.STATUS, self.state())
+    def on_status(self, ident, h, payload, role=None):
+        self.send(ident, P.STATUS, self.state(role))
 
-    def state(self):
+    def state(self, role=None):
+        """Workers, and the jobs the asker may see: its own (everything, on an unauthenticated socket)."""
         workers = [{
             "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots),
             "busy": sum(1 for s in w.slots if self.slots[s].job is not None),
@@ -274,7 +305,7 @@ class Broker:
         jobs = [{
             "id": j.id.hex(), "done": j.done, "submitted": j.sent, "queued": sum(b.n for b in j.queue),
             "slots": len(j.slots), "elapsed": time.time() - j.started,
-        } for j in self.jobs.values()]
+        } for j in self.jobs.values() if role is None or j.owner == role]
         return {"workers": workers, "jobs": jobs}
 
     # ---------------------------------------------------------------- workers
@@ -282,7 +313,7 @@ class Broker:
         worker = self.workers.get(h.get("w"))
         return worker if worker is not None and worker.ident == ident else None
 
-    def on_register(self, ident, h, payload):
+    def on_register(self, ident, h, payload, role=None):
         worker = Worker(ident, h)
         old = self.workers.get(worker.id)
         self.workers[worker.id] = worker
@@ -306,25 +337,29 @@ class Broker:
         if old is None:
             log.info("worker %s joined from %s with %d slots", worker.id, worker.host, worker.nslots)
 
-    def on_ready(self, ident, h, payload):
-        """An executor holds nothing and can take k batches: at start, after a restart, or after a rejoin."""
-        slot = self.slots.get(ident)
-        if slot is not None:
-            self.remove_slot(slot, "restarted" if slot.pid != h.get("pid") else "dropped its tasks")
-        slot = Slot(ident, h["w"], h.get("pid"))
-        slot.credit = int(h.get("k", PREFETCH))
+    def on_ready(self, ident, h, payload, role=None):
+        """An executor holds nothing and can take k batches: at start, after a restart, or after a rejoin (maybe
+        over a new connection). What the slot of that name held before runs again."""
+        worker_id, name = field(h, "w", str), field(h, "s", str)
+        if not name.startswith(worker_id + "/"):
+            raise P.ProtocolError("READY for a slot of another worker")
+        for old in {self.slots.get(ident), self.slots.get(self.slot_names.get(name))} - {None}:
+            self.remove_slot(old, "restarted" if old.pid != h.get("pid") else "dropped its tasks")
+        slot = Slot(ident, name, worker_id, field(h, "pid", (int, type(None))))
+        slot.credit = min(max(field(h, "k", int, PREFETCH), 1), PREFETCH)
         self.slots[ident] = slot
+        self.slot_names[name] = ident
         worker = self.workers.get(slot.worker_id)
         if worker is not None:
             worker.slots.add(ident)
         self.dirty = True
 
-    def on_slot_died(self, ident, h, payload):
-        slot = self.slots.get(h.get("s"))
+    def on_slot_died(self, ident, h, payload, role=None):
+        slot = self.slots.get(self.slot_names.get(h.get("s")))
         if slot is not None and slot.worker_id == h.get("w"):
             self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}")
 
-    def on_result(self, ident, h, payload):
+    def on_result(self, ident, h, payload, role=None):
         slot = self.slots.get(ident)
         job = self.jobs.get(h.get("j"))
         if slot is None:
@@ -344,13 +379,15 @@ class Broker:
             job.done += h.get("k", 0) + len(h.get("e") or ())
             self.send(job.client, P.RESULT, h, payload)
 
-    def on_log(self, ident, h, payload):
+    def on_log(self, ident, h, payload, role=None):
         job = self.jobs.get(h.get("j"))
         if job is not None:
             self.send(job.client, P.LOG, h, payload)
 
     def remove_slot(self, slot, why):
         self.slots.pop(slot.ident, None)
+        if self.slot_names.get(slot.name) == slot.ident:
+            del self.slot_names[slot.name]
         worker = self.workers.get(slot.worker_id)
         if worker is not None:
             worker.slots.discard(slot.ident)
@@ -511,9 +548,9 @@ def describe_exit(code):
     return f"exit code {code}"
 
 
-def main(bind, parent_fd=None):
+def main(bind, parent_fd=None, keys=None):
     logging.basicConfig(level=logging.WARNING, format="burla broker: %(message)s")
-    broker = Broker(bind, parent_fd)
+    broker = Broker(bind, parent_fd, keys)
     host = pysocket.gethostname()
     log.info("listening on %s (%s, pid %d)", broker.address, host, os.getpid())
     try:

@@ -18,7 +18,7 @@ import time
 
 import zmq
 
-from burla import config, errors, protocol as P, serialize
+from burla import config, errors, protocol as P, security, serialize
 from burla.progress import Progress
 
 TARGET_BATCH_SECONDS = 0.1
@@ -35,8 +35,9 @@ _connections_lock = threading.Lock()
 class Connection:
     """One per process and cluster: a ZeroMQ context, a pool of job sockets, and a heartbeat thread."""
 
-    def __init__(self, address):
+    def __init__(self, address, api_key=None):
         self.address = address
+        self.api_key = api_key
         self.ctx = zmq.Context()
         self.client_id = os.urandom(8)
         self.compress = not P.is_local(address)
@@ -51,7 +52,8 @@ class Connection:
         return self.new_socket()
 
     def new_socket(self):
-        sock = P.socket(self.ctx, zmq.DEALER)
+        sock = P.socket(self.ctx, zmq.DEALER, credential=self.api_key, role=security.CLIENT)
+        sock.sndtimeo = int(SILENCE_LIMIT * 1000)  # with no broker to talk to (or a refused key) a send would block
         sock.connect(self.address)
         return sock
 
@@ -62,20 +64,27 @@ class Connection:
     def heartbeat(self):
         sock = self.new_socket()
         while True:
-            P.send(sock, P.HEARTBEAT, {"c": self.client_id})
+            try:
+                P.send(sock, P.HEARTBEAT, {"c": self.client_id})
+            except zmq.Again:
+                pass
             time.sleep(P.HEARTBEAT_INTERVAL)
 
 
-def connection(cluster=None):
+def connection(cluster=None, api_key=None):
     address = config.cluster_address(cluster)
     if address == "local":
         from burla import local
 
-        address = local.cluster().address
-    key = (os.getpid(), address)
+        address, api_key = local.cluster().address, None
+    else:
+        api_key = config.api_key(api_key) if address.startswith("tcp://") else None
+        if api_key:
+            security.parse(api_key, security.CLIENT)  # a malformed key fails here, clearly
+    key = (os.getpid(), address, api_key)
     with _connections_lock:
         if key not in _connections:
-            _connections[key] = Connection(address)
+            _connections[key] = Connection(address, api_key)
         return _connections[key]
 
 
@@ -104,8 +113,17 @@ class Job:
         self.heard = time.monotonic()
         header = {"j": self.id, "c": conn.client_id, "d": digest, "cpu": cpu, "ram": ram, "gpu": gpu,
                   "par": parallelism, "o": options}
-        P.send(self.sock, P.SUBMIT, header, [function_bytes])
         self.closed = False
+        self.send(P.SUBMIT, header, [function_bytes])
+
+    def send(self, command, header, payload=()):
+        try:
+            P.send(self.sock, command, header, payload)
+        except zmq.Again:
+            self.closed = True  # this socket is stuck; do not pool it
+            raise errors.ClusterConnectionError(
+                f"could not reach the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
+                "(is it running, and is the API key right?)") from None
 
     # ---------------------------------------------------------------- sending
     def batch_size(self):
@@ -144,7 +162,7 @@ class Job:
                         from e
             raise
         size = sum(len(f) for f in frames)
-        P.send(self.sock, P.BATCH, {"j": self.id, "i": self.sent, "n": len(items), "z": flags}, frames)
+        self.send(P.BATCH, {"j": self.id, "i": self.sent, "n": len(items), "z": flags}, frames)
         self.outstanding[self.sent] = Pending(len(items), size)
         self.outstanding_bytes += size
         item = size / len(items)
@@ -160,11 +178,12 @@ class Job:
                 if not self.sock.poll(250):
                     if time.monotonic() - self.heard > SILENCE_LIMIT:
                         raise errors.ClusterConnectionError(
-                            f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s")
+                            f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
+                            "(is it running, and is the API key right?)")
                     continue
                 while True:
                     try:
-                        _, command, header, payload = P.recv(self.sock)
+                        command, header, payload = P.recv(self.sock)
                     except zmq.Again:
                         break
                     self.heard = time.monotonic()
@@ -225,8 +244,9 @@ class Job:
     def close(self, command):
         self.closed = True
         try:
-            P.send(self.sock, command, {"j": self.id})
+            P.send(self.sock, command, {"j": self.id}, flags=zmq.NOBLOCK)
         except zmq.ZMQError:
+            self.sock.close(0)
             return
         self.conn.release(self.sock)
         if self.progress:
@@ -358,9 +378,8 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
     options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
-    del api_key  # authentication arrives with the security work; accepted now so calls need not change
 
-    job = Job(connection(cluster), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
+    job = Job(connection(cluster, api_key), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
               options, return_exceptions)
     if generator:
         return (value for _, values in job.batches() for value in values)
@@ -373,15 +392,16 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     return results
 
 
-def cluster_state(address, timeout=3.0):
-    """The broker's view of its workers and jobs (what `burla status` prints)."""
+def cluster_state(address, timeout=3.0, api_key=None):
+    """The broker's view of its workers and the asker's jobs (what `burla status` prints)."""
     ctx = zmq.Context.instance()
-    sock = P.socket(ctx, zmq.DEALER)
+    sock = P.socket(ctx, zmq.DEALER, credential=config.api_key(api_key) if address.startswith("tcp://") else None,
+                    role=security.CLIENT)
     sock.connect(address)
     try:
         P.send(sock, P.STATUS, {})
         if not sock.poll(timeout * 1000):
             raise TimeoutError(f"no answer from a burla broker at {address} within {timeout:g} s")
-        return P.recv(sock)[2]
+        return P.recv(sock)[1]
     finally:
         sock.close(0)

@@ -28,17 +28,21 @@ RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [er
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid}
-SLOT_DIED = b"D"  # {w, s: slot identity, code: exit code or -signal}
+SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal}
 # broker -> worker
-KILL = b"K"  # {s: slot identity, hard: 0 = interrupt the running call (SIGUSR1), 1 = kill the executor}
+KILL = b"K"  # {s: slot name, hard: 0 = interrupt the running call (SIGUSR1), 1 = kill the executor}
 # executor (one slot) <-> broker
-READY = b"Y"  # {w, k: batches it can hold}
+READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid}
 TASK = b"T"  # {j, i, n, d, z, f: function frame first, o: options, x: isolate from this offset}
 #               payload: [function,] inputs
 # broker -> anyone it does not know (it restarted, or declared the peer dead): register again
 RECONNECT = b"Z"
 # any direction; any message counts as a sign of life
 HEARTBEAT = b"H"
+
+# What each authenticated role may send: a worker cannot submit jobs, a client cannot post results or logs.
+CLIENT_COMMANDS = {SUBMIT, BATCH, END, CANCEL, STATUS, HEARTBEAT}
+WORKER_COMMANDS = {REGISTER, READY, RESULT, LOG, SLOT_DIED, HEARTBEAT}
 
 HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead
@@ -53,21 +57,31 @@ class ProtocolError(Exception):
 
 
 
-def send(sock, command, header, payload=(), ident=None):
+def send(sock, command, header, payload=(), ident=None, flags=0):
     frames = [b"", VERSION, command, msgpack.packb(header), *payload]
     if ident is not None:
         frames.insert(0, ident)
     # copy=False: large payloads go out zero-copy; pyzmq still copies frames under its copy threshold.
-    sock.send_multipart(frames, copy=False)
+    sock.send_multipart(frames, flags=flags, copy=False)
 
 
-def recv(sock, router=False):
-    """Read one message: (identity or None, command, header dict, payload frames as zmq.Frame)."""
+def recv(sock):
+    """Read one message from a DEALER: (command, header dict, payload frames as zmq.Frame)."""
+    return _parse(sock.recv_multipart(copy=False))
+
+
+def recv_routed(sock):
+    """Read one message from a ROUTER: (identity, role, command, header, payload). role is the User-Id the
+    broker's authenticator gave the connection ("worker", "client:..."), or None on an unauthenticated socket."""
     frames = sock.recv_multipart(copy=False)
-    ident = None
-    if router:
-        ident = frames[0].bytes
-        frames = frames[1:]
+    try:
+        role = frames[-1].get("User-Id")
+    except zmq.ZMQError:
+        role = None
+    return (frames[0].bytes, role or None, *_parse(frames[1:]))
+
+
+def _parse(frames):
     if len(frames) < 4 or frames[0].bytes != b"" or frames[1].bytes != VERSION:
         raise ProtocolError(f"not a burla {VERSION.decode()} message ({len(frames)} frames)")
     try:
@@ -76,16 +90,24 @@ def recv(sock, router=False):
         raise ProtocolError(f"bad header: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a map")
-    return ident, frames[2].bytes, header, frames[4:]
+    return frames[2].bytes, header, frames[4:]
 
 
-def socket(ctx, kind, identity=None):
+def socket(ctx, kind, credential=None, role=None):
+    """A socket with our options; with a credential (API key or worker token), CURVE to the broker it names.
+    Peers never choose their ZeroMQ identity: the broker's ROUTER assigns one per connection, so nobody can take
+    over another peer's route; names travel in headers and are checked against the sender's role."""
     sock = ctx.socket(kind)
+    if credential:
+        from burla import security
+
+        security.secure(sock, credential, role)
     sock.linger = 0
     # High water marks are only a backstop: credit keeps queues short.
     sock.sndhwm = sock.rcvhwm = 100_000
-    if identity is not None:
-        sock.identity = identity
+    # ZMTP heartbeats: a TCP connection that went silent (a cut link) is dropped, and dialled again.
+    sock.heartbeat_ivl = int(HEARTBEAT_INTERVAL * 1000)
+    sock.heartbeat_timeout = int(HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS * 1000)
     if kind == zmq.ROUTER:
         sock.router_mandatory = 1  # a send to a dead peer fails loudly instead of vanishing
     else:

@@ -19,6 +19,7 @@ import traceback
 import zmq
 
 from burla import protocol as P
+from burla import security
 from burla import serialize
 
 PREFETCH = 2  # batches this slot may hold: one running, one waiting
@@ -84,11 +85,12 @@ class Capture(io.TextIOBase):
 
 
 class Executor:
-    def __init__(self, broker, worker_id, slot, control_fd=None):
+    def __init__(self, broker, worker_id, slot, control_fd=None, token=None):
         self.broker = broker
         self.worker_id = worker_id
-        self.ident = f"{worker_id}/{slot}".encode()
+        self.name = f"{worker_id}/{slot}"
         self.control_fd = control_fd  # from the worker: b"R" = say READY again; end of file = exit
+        self.token = token
         self.functions = collections.OrderedDict()
         self.tasks = collections.deque()
         self.sink = LogSink()
@@ -98,7 +100,7 @@ class Executor:
 
     def run(self):
         self.ctx = zmq.Context()
-        self.sock = P.socket(self.ctx, zmq.DEALER, identity=self.ident)
+        self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
         self.sock.connect(self.broker)
         self.streams = Capture(self.sink, 1), Capture(self.sink, 2)
         self.calling = False
@@ -117,7 +119,7 @@ class Executor:
                     return
             with self.lock:
                 while self.sock.poll(0):
-                    self.handle(*P.recv(self.sock)[1:])
+                    self.handle(*P.recv(self.sock))
             if self.tasks:
                 self.run_task(*self.tasks.popleft())
 
@@ -130,7 +132,7 @@ class Executor:
             self.ready_unlocked()
 
     def ready_unlocked(self):
-        P.send(self.sock, P.READY, {"w": self.worker_id, "k": PREFETCH, "pid": os.getpid()})
+        P.send(self.sock, P.READY, {"w": self.worker_id, "s": self.name, "k": PREFETCH, "pid": os.getpid()})
 
     def control(self):
         data = os.read(self.control_fd, 64)
@@ -223,7 +225,7 @@ class Executor:
                     signal.setitimer(signal.ITIMER_REAL, 0)
 
     def send_result(self, job, start, offset, done, error, inputs, elapsed, last):
-        reply = {"j": job, "i": start, "o": offset, "t": elapsed, "w": self.ident.decode()}
+        reply = {"j": job, "i": start, "o": offset, "t": elapsed, "w": self.name}
         errors = []
         if error is not None:
             at = offset + len(done)
@@ -242,7 +244,7 @@ class Executor:
         self.reply(reply, packed, [exc for _, exc in errors])
 
     def reply(self, header, frames, exceptions):
-        header.setdefault("w", self.ident.decode())
+        header.setdefault("w", self.name)
         frames = list(frames) + [exception_frame(e) for e in exceptions]
         with self.lock:
             lines = self.sink.take()
@@ -258,7 +260,7 @@ class Executor:
             with self.lock:
                 lines = self.sink.take()
                 if lines and self.job is not None:
-                    P.send(self.sock, P.LOG, {"j": self.job, "w": self.ident.decode(), "l": lines})
+                    P.send(self.sock, P.LOG, {"j": self.job, "w": self.name, "l": lines})
 
 
 def on_timeout(*_):
@@ -308,6 +310,6 @@ def die_with_parent():
         os._exit(1)
 
 
-def main(broker, worker_id, slot, control_fd=None):
+def main(broker, worker_id, slot, control_fd=None, token=None):
     die_with_parent()
-    Executor(broker, worker_id, slot, control_fd).run()
+    Executor(broker, worker_id, slot, control_fd, token).run()

@@ -14,6 +14,7 @@ import traceback
 import zmq
 
 from burla import protocol as P
+from burla import security
 
 log = logging.getLogger("burla.worker")
 
@@ -44,7 +45,7 @@ def host_resources():
 
 
 class Worker:
-    def __init__(self, broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None):
+    def __init__(self, broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None):
         host_cpu, host_ram = host_resources()
         self.broker = broker
         self.nslots = slots or host_cpu
@@ -54,6 +55,7 @@ class Worker:
         self.host = pysocket.gethostname()
         self.id = name or f"{self.host}-{os.getpid()}"
         self.parent_fd = parent_fd
+        self.token = token  # the broker's worker token (CURVE over TCP); None on an ipc or insecure broker
         self.slots = [Slot(k) for k in range(self.nslots)]
 
     # ---------------------------------------------------------------- executors
@@ -70,7 +72,7 @@ class Worker:
                             os.close(other.control)
                     from burla.worker import executor
 
-                    executor.main(self.broker, self.id, slot.index, read)
+                    executor.main(self.broker, self.id, slot.index, read, self.token)
                 except BaseException:
                     traceback.print_exc()
                     code = 1
@@ -78,8 +80,10 @@ class Worker:
                     os._exit(code)
             slot.popen = None
         else:
-            code = f"from burla.worker.executor import main; main({self.broker!r}, {self.id!r}, {slot.index}, {read})"
-            slot.popen = __import__("subprocess").Popen([sys.executable, "-c", code], pass_fds=(read,))
+            code = ("import os; from burla.worker.executor import main; "
+                    f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, os.environ.pop('BURLA_WORKER_TOKEN', None))")
+            env = dict(os.environ, BURLA_WORKER_TOKEN=self.token) if self.token else None  # not on a command line
+            slot.popen = __import__("subprocess").Popen([sys.executable, "-c", code], pass_fds=(read,), env=env)
             pid = slot.popen.pid
         os.close(read)
         slot.pid, slot.control, slot.started = pid, write, time.monotonic()
@@ -106,7 +110,7 @@ class Worker:
             if code is None:
                 continue
             self.forget(slot)
-            P.send(self.sock, P.SLOT_DIED, {"w": self.id, "s": f"{self.id}/{slot.index}".encode(), "code": code})
+            P.send(self.sock, P.SLOT_DIED, {"w": self.id, "s": f"{self.id}/{slot.index}", "code": code})
             log.warning("executor %d exited with %s; restarting it", slot.index, code)
             if time.monotonic() - slot.started < 1.0:
                 time.sleep(0.5)  # do not spin on an executor that cannot start
@@ -153,7 +157,7 @@ class Worker:
         for slot in self.slots:
             self.start_slot(slot, fork=hasattr(os, "fork"))
         self.ctx = zmq.Context()
-        self.sock = P.socket(self.ctx, zmq.DEALER, identity=self.id.encode())
+        self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
         self.sock.connect(self.broker)
         self.register()
         heard = time.monotonic()
@@ -175,12 +179,12 @@ class Worker:
                     return
                 self.reap()
                 while self.sock.poll(0):
-                    _, command, header, _ = P.recv(self.sock)
+                    command, header, _ = P.recv(self.sock)
                     heard = time.monotonic()
                     if command == P.RECONNECT:
                         self.rejoin()
                     elif command == P.KILL:
-                        self.signal_slot(header.get("s", b""), signal.SIGKILL if header.get("hard") else signal.SIGUSR1)
+                        self.signal_slot(header.get("s"), signal.SIGKILL if header.get("hard") else signal.SIGUSR1)
                 now = time.monotonic()
                 if now - heard > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
                     log.warning("no word from the broker for %.1f s; registering again", now - heard)
@@ -193,8 +197,8 @@ class Worker:
             self.stop_executors()
             self.sock.close(0)
 
-    def signal_slot(self, ident, signum):
-        prefix, _, index = ident.decode(errors="replace").rpartition("/")
+    def signal_slot(self, name, signum):
+        prefix, _, index = str(name).rpartition("/")
         if prefix == self.id and index.isdigit() and int(index) < len(self.slots):
             try:
                 os.kill(self.slots[int(index)].pid, signum)
@@ -206,7 +210,7 @@ class Worker:
         self.tell_executors(b"R")
 
 
-def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None):
+def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None):
     logging.basicConfig(level=logging.WARNING, format="burla worker: %(message)s")
 
     def terminate(*_):
@@ -214,7 +218,7 @@ def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=N
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, terminate)
-    worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd)
+    worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd, token)
     try:
         worker.run()
     except KeyboardInterrupt:

@@ -1,0 +1,128 @@
+"""Keys and roles: every TCP connection to a broker is CURVE-encrypted and authenticated.
+
+A broker has a CURVE key pair, kept in its state folder (0600). It hands out two kinds of credential:
+  API key        bk1-<broker public key>-<secret>   for clients (`burla login`, api_key=, BURLA_API_KEY)
+  worker token   bw1-<broker public key>-<secret>   for `burla worker --token`
+A credential carries everything a peer needs: the broker's public key (so the peer knows it talks to the right
+broker) and a secret from which the peer's own CURVE key pair is derived. The broker derives the same public keys
+from the credentials it issued, and its ZAP handler admits only those, naming each connection's role in its
+User-Id: "worker", or "client:<8 hex>" per API key. The broker checks every message against its sender's role.
+"""
+
+import hashlib
+import os
+import pathlib
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+CLIENT, WORKER = "bk1", "bw1"
+
+
+def _derive(kind, secret):
+    seed = hashlib.blake2b(secret, digest_size=32, person=kind.encode()).digest()
+    secret_key = z85.encode(seed)
+    return zmq.curve_public(secret_key), secret_key
+
+
+def new_credential(kind, broker_public):
+    return f"{kind}-{z85.decode(broker_public).hex()}-{os.urandom(32).hex()}"
+
+
+def parse(credential, kind):
+    """credential -> (broker public key, own public key, own secret key), all z85; ValueError if malformed."""
+    try:
+        prefix, broker_hex, secret_hex = credential.strip().split("-")
+        broker_public = z85.encode(bytes.fromhex(broker_hex))
+        secret = bytes.fromhex(secret_hex)
+    except (ValueError, AttributeError):
+        raise ValueError("not a burla credential (expected three '-'-separated parts)") from None
+    if prefix != kind or len(secret) != 32 or len(broker_public) != 40:
+        name = "an API key (bk1-...)" if kind == CLIENT else "a worker token (bw1-...)"
+        raise ValueError(f"not {name}")
+    public, secret_key = _derive(kind, secret)
+    return broker_public, public, secret_key
+
+
+def secure(sock, credential, kind):
+    """Make a DEALER socket speak CURVE to the broker named in the credential (call before connect)."""
+    broker_public, public, secret = parse(credential, kind)
+    sock.curve_serverkey = broker_public
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+
+
+class BrokerKeys:
+    """The broker's key pair and the credentials it has issued, kept in a private folder."""
+
+    def __init__(self, folder):
+        self.folder = pathlib.Path(folder).expanduser()
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.folder, 0o700)
+        secret_file = self.folder / "broker.secret"
+        if not secret_file.exists():
+            public, secret = zmq.curve_keypair()
+            write_private(secret_file, secret.decode())
+        self.secret = secret_file.read_text().strip().encode()
+        self.public = zmq.curve_public(self.secret)
+        self.api_keys = self.issued("api_keys", CLIENT)
+        self.worker_tokens = self.issued("worker_tokens", WORKER)
+
+    def issued(self, name, kind):
+        path = self.folder / name
+        if not path.exists():
+            write_private(path, new_credential(kind, self.public) + "\n")
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+    def add_api_key(self):
+        key = new_credential(CLIENT, self.public)
+        with open(self.folder / "api_keys", "a") as f:
+            f.write(key + "\n")
+        self.api_keys.append(key)
+        return key
+
+    def roles(self):
+        """CURVE public key (z85) -> role, for every credential issued by this broker."""
+        roles = {}
+        for key in self.api_keys:
+            roles[parse(key, CLIENT)[1]] = "client:" + hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+        for token in self.worker_tokens:
+            roles[parse(token, WORKER)[1]] = "worker"
+        return roles
+
+    def serve(self, ctx, sock):
+        """Make the broker's ROUTER a CURVE server and start the ZAP handler that admits our credentials."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+        auth = _Authenticator(ctx, self)
+        auth.start()
+        auth.configure_curve_callback("*", credentials_provider=auth)
+        return auth
+
+
+    def reload(self):
+        self.api_keys = self.issued("api_keys", CLIENT)
+        self.worker_tokens = self.issued("worker_tokens", WORKER)
+        return self.roles()
+
+
+class _Authenticator(ThreadAuthenticator):
+    def __init__(self, ctx, keys):
+        super().__init__(ctx)
+        self.keys, self.roles = keys, keys.roles()
+
+    def callback(self, domain, key):  # the credentials provider: is this public key one we issued?
+        if key not in self.roles:
+            self.roles = self.keys.reload()  # a key issued (burla broker --new-api-key) since we started
+        return key in self.roles
+
+    def curve_user_id(self, client_public_key):
+        return self.roles.get(z85.encode(client_public_key), "denied")
+
+
+def write_private(path, text):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)

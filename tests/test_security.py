@@ -1,0 +1,186 @@
+"""A TCP broker is CURVE-encrypted and admits only the credentials it issued, each held to its role."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+import burla
+from burla import protocol as P, security
+from burla import remote_parallel_map
+from burla.client import cluster_state
+from conftest import HERE
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SecureCluster:
+    def __init__(self, tmp_path):
+        self.state = tmp_path / "state"
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.env = dict(os.environ, PYTHONPATH=HERE, BURLA_HEARTBEAT_INTERVAL="0.5")
+        self.procs = []
+        self.broker = self.start("broker", "--bind", self.address, "--state-dir", str(self.state),
+                                 stdout=subprocess.PIPE, text=True)
+        banner = [self.broker.stdout.readline() for _ in range(3)]
+        self.api_key = re.search(r"--api-key (\S+)", banner[1]).group(1)
+        self.token = re.search(r"--token (\S+)", banner[2]).group(1)
+        self.start("worker", "--broker", self.address, "--slots", "2", "--name", "w", "--token", self.token)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if len(cluster_state(self.address, 1, self.api_key)["workers"]) == 1:
+                    return
+            except TimeoutError:
+                pass
+        raise TimeoutError("secure cluster did not come up")
+
+    def start(self, *args, **kwargs):
+        proc = subprocess.Popen([sys.executable, "-m", "burla", *args], env=self.env, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    c = SecureCluster(tmp_path_factory.mktemp("secure"))
+    yield c
+    c.stop()
+
+
+def test_jobs_run_with_the_api_key_and_keys_are_private(secure):
+    assert remote_parallel_map(lambda x: x + 1, range(10), cluster=secure.address, api_key=secure.api_key,
+                               spinner=False) == list(range(1, 11))
+    assert oct(secure.state.stat().st_mode & 0o777) == "0o700"
+    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in secure.state.iterdir())
+
+
+def test_wrong_or_missing_key_is_refused_without_hanging(secure):
+    public = zmq.curve_public(zmq.curve_keypair()[1])
+    stranger = security.new_credential(security.CLIENT, security.BrokerKeys(secure.state).public)
+    for key in (stranger, security.new_credential(security.CLIENT, public)):
+        start = time.monotonic()
+        with pytest.raises(burla.ClusterConnectionError, match="API key"):
+            remote_parallel_map(abs, [1], cluster=secure.address, api_key=key, spinner=False)
+        assert time.monotonic() - start < 8
+    with pytest.raises(ValueError, match="not a burla credential"):
+        remote_parallel_map(abs, [1], cluster=secure.address, api_key="hunter2", spinner=False)
+    with pytest.raises(ValueError, match="not an API key"):  # a worker token is not an API key
+        remote_parallel_map(abs, [1], cluster=secure.address, api_key=secure.token, spinner=False)
+
+
+def raw(secure, credential, kind):
+    ctx = zmq.Context.instance()
+    sock = P.socket(ctx, zmq.DEALER, credential=credential, role=kind)
+    sock.connect(secure.address)
+    return sock
+
+
+def test_roles_are_enforced(secure):
+    # a worker cannot submit jobs
+    as_worker = raw(secure, secure.token, security.WORKER)
+    P.send(as_worker, P.SUBMIT, {"j": b"12345678", "c": b"x", "d": b"d", "cpu": 1}, [b"f"])
+    assert not as_worker.poll(1000)
+    # a client cannot register as a worker or post results
+    as_client = raw(secure, secure.api_key, security.CLIENT)
+    P.send(as_client, P.REGISTER, {"w": "fake", "slots": 100, "cpu": 100, "ram": 100})
+    P.send(as_client, P.READY, {"w": "w", "k": 2, "pid": 1})
+    P.send(as_client, P.RESULT, {"j": b"12345678", "i": 0, "k": 1, "f": 1})
+    time.sleep(0.5)
+    state = cluster_state(secure.address, 2, secure.api_key)
+    assert [w["id"] for w in state["workers"]] == ["w"] and state["workers"][0]["slots"] == 2
+    as_worker.close(0)
+    as_client.close(0)
+
+
+def test_clients_cannot_see_or_cancel_each_others_jobs(secure):
+    other_key = subprocess.run([sys.executable, "-m", "burla", "broker", "--bind", secure.address, "--state-dir",
+                                str(secure.state), "--new-api-key"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    outcome = []
+
+    def long_job():
+        outcome.append(remote_parallel_map(lambda x: time.sleep(0.5) or x, range(8), cluster=secure.address,
+                                           api_key=secure.api_key, spinner=False))
+
+    thread = threading.Thread(target=long_job)
+    thread.start()
+    deadline = time.monotonic() + 5
+    mine = []
+    while not mine and time.monotonic() < deadline:
+        mine = cluster_state(secure.address, 2, secure.api_key)["jobs"]
+    assert len(mine) == 1
+    theirs = cluster_state(secure.address, 2, other_key)
+    assert theirs["jobs"] == [] and len(theirs["workers"]) == 1  # sees the cluster, not the other's job
+    intruder = raw(secure, other_key, security.CLIENT)
+    P.send(intruder, P.CANCEL, {"j": bytes.fromhex(mine[0]["id"])})
+    thread.join(30)
+    assert outcome == [list(range(8))]  # the job was not cancelled
+    intruder.close(0)
+
+
+def test_broker_survives_ten_thousand_malformed_frames(secure):
+    import random
+
+    rng = random.Random(1)
+    senders = [raw(secure, secure.api_key, security.CLIENT), raw(secure, secure.token, security.WORKER)]
+    commands = [P.SUBMIT, P.BATCH, P.END, P.CANCEL, P.RESULT, P.LOG, P.READY, P.REGISTER, P.HEARTBEAT, b"?", b"Q"]
+    for n in range(10_000):
+        sock = senders[n % 2]
+        kind = n % 4
+        if kind == 0:  # random frames
+            frames = [rng.randbytes(rng.randint(0, 40)) for _ in range(rng.randint(1, 6))]
+        elif kind == 1:  # our envelope, random header bytes
+            frames = [b"", P.VERSION, rng.choice(commands), rng.randbytes(rng.randint(0, 30))]
+        else:  # our envelope, a well-formed header with wrong or missing values
+            header = {rng.choice("jicdknwszoef"): rng.choice([None, -1, "x", b"\0" * 8, [1], {"a": 1}, 1e300])
+                      for _ in range(rng.randint(0, 5))}
+            frames = [b"", P.VERSION, rng.choice(commands), msgpack.packb(header), rng.randbytes(8)]
+        sock.send_multipart(frames)
+    for sock in senders:
+        sock.close(0)
+    out = remote_parallel_map(lambda x: x * 2, range(50), cluster=secure.address, api_key=secure.api_key,
+                              spinner=False)
+    assert out == [x * 2 for x in range(50)]
+    assert secure.broker.poll() is None
+
+
+def test_login_writes_a_private_config(tmp_path, secure):
+    env = dict(os.environ, BURLA_CONFIG=str(tmp_path / "cfg" / "config.toml"))
+    subprocess.run([sys.executable, "-m", "burla", "login", secure.address, "--api-key", secure.api_key],
+                   check=True, env=env, capture_output=True)
+    status = subprocess.run([sys.executable, "-m", "burla", "status"], env=env, capture_output=True, text=True,
+                            timeout=20)
+    assert status.returncode == 0 and "worker w " in status.stdout
+    assert oct((tmp_path / "cfg" / "config.toml").stat().st_mode & 0o777) == "0o600"
+
+
+def test_embedded_cluster_listens_on_no_network_port(run_script):
+    proc = run_script("""
+        import psutil
+        from burla import remote_parallel_map, local
+        remote_parallel_map(abs, [-1], spinner=False)
+        pids = local.cluster().pids()
+        procs = [psutil.Process(p) for p in pids]
+        procs += [c for p in procs for c in p.children(recursive=True)]
+        inet = [c for p in procs for c in p.net_connections(kind="inet")]
+        print(local.cluster().address.split(":")[0], len(inet))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ipc", "0"]
