@@ -25,7 +25,7 @@ FUNCTION_CACHE = 32  # functions a slot keeps; the executor uses the same size a
 
 
 class Batch:
-    __slots__ = ("header", "frames", "start", "n", "progress", "isolate", "deaths")
+    __slots__ = ("header", "frames", "start", "n", "progress", "isolate", "deaths", "skip")
 
     def __init__(self, header, frames):
         self.header, self.frames = header, frames
@@ -34,7 +34,8 @@ class Batch:
             raise P.ProtocolError("BATCH with an impossible range")
         self.progress = 0  # inputs with an outcome so far
         self.isolate = None  # after a crash: run one input per RESULT from this offset, to learn who crashes
-        self.deaths = (0, 0)  # (offset, executor deaths while the input at that offset was running)
+        self.deaths = {}  # offset -> executor deaths while the input at that offset was running
+        self.skip = set()  # offsets that failed by crashing executors: never run again
 
 
 class Job:
@@ -357,7 +358,8 @@ class Broker:
     def on_slot_died(self, ident, h, payload, role=None):
         slot = self.slots.get(self.slot_names.get(h.get("s")))
         if slot is not None and slot.worker_id == h.get("w"):
-            self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}")
+            at = h.get("at") if isinstance(h.get("at"), dict) else {}
+            self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}", at)
 
     def on_result(self, ident, h, payload, role=None):
         slot = self.slots.get(ident)
@@ -368,7 +370,8 @@ class Broker:
             key = (h.get("j"), h.get("i"))
             entry = slot.inflight.get(key)
             if entry is not None:
-                entry[1].progress = h.get("o", 0) + h.get("k", 0) + len(h.get("e") or ())
+                batch = entry[1]
+                batch.progress = max(batch.progress, h.get("o", 0) + h.get("k", 0) + len(h.get("e") or ()))
                 if h.get("f"):
                     del slot.inflight[key]
                     slot.credit += 1
@@ -384,15 +387,23 @@ class Broker:
         if job is not None:
             self.send(job.client, P.LOG, h, payload)
 
-    def remove_slot(self, slot, why):
+    def remove_slot(self, slot, why, at=None):
+        """Forget a slot whose executor is gone, and run what it held again. at: the input its call was running,
+        if its worker knows (see P.WHERE); otherwise the oldest batch is the one that was running."""
         self.slots.pop(slot.ident, None)
         if self.slot_names.get(slot.name) == slot.ident:
             del self.slot_names[slot.name]
         worker = self.workers.get(slot.worker_id)
         if worker is not None:
             worker.slots.discard(slot.ident)
-        for job, batch in slot.inflight.values():
-            self.requeue(job, batch, why)
+        for k, (job, batch) in enumerate(slot.inflight.values()):
+            if at:
+                running = (at.get("j"), at.get("i")) == (job.id, batch.start)
+                culprit = at.get("o") if running else None
+            else:
+                running = k == 0
+                culprit = batch.progress if running and batch.n - batch.progress - len(batch.skip) == 1 else None
+            self.requeue(job, batch, why, culprit if isinstance(culprit, int) else None, running)
         slot.inflight.clear()
         self.unbind(slot)
         self.dirty = True
@@ -405,29 +416,27 @@ class Broker:
                 self.remove_slot(slot, f"its worker {worker.id} {why}")
         log.warning("worker %s removed: %s", worker.id, why)
 
-    def requeue(self, job, batch, why):
-        """An executor died holding this batch: run it again, from the first input without an outcome. When the
-        input that was running is known (one input left, or the batch ran in isolation), charge it; an input that
-        killed MAX_ATTEMPTS executors fails with WorkerDiedError and the rest of the batch goes on."""
+    def requeue(self, job, batch, why, culprit=None, running=True):
+        """Run a batch again after its executor died. The batch that was running is re-run in isolation (one
+        input per RESULT, its position in the WHERE record) so that the input that crashes is known; an input that
+        was running at MAX_ATTEMPTS deaths fails with WorkerDiedError and is skipped, the rest go on."""
         if self.jobs.get(job.id) is not job:
             return
-        if batch.isolate is not None or batch.n - batch.progress == 1:
-            at, deaths = batch.deaths
-            deaths = deaths + 1 if at == batch.progress else 1
-            batch.deaths = (batch.progress, deaths)
+        if culprit is not None and 0 <= culprit < batch.n:
+            deaths = batch.deaths[culprit] = batch.deaths.get(culprit, 0) + 1
             if deaths >= MAX_ATTEMPTS:
-                index = batch.start + batch.progress
+                index = batch.start + culprit
                 error = {"i": index, "type": "burla.WorkerDiedError", "tb": "", "input": "",
                          "msg": f"input {index} was running when its worker process died, {deaths} times "
                                 f"(last time {why})"}
-                batch.progress += 1
-                final = batch.progress >= batch.n
+                batch.skip.add(culprit)
                 job.done += 1
-                self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "o": batch.progress - 1, "k": 0,
-                                                 "e": [error], "f": int(final)})
-                if final:
-                    return
-        batch.isolate = batch.progress
+                self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "o": culprit, "k": 0,
+                                                 "e": [error], "f": 0})
+        if batch.skip.issuperset(range(batch.progress, batch.n)):
+            return  # nothing left to run
+        if running:
+            batch.isolate = batch.progress
         job.queue.appendleft(batch)
 
     # ---------------------------------------------------------------- scheduling
@@ -499,6 +508,8 @@ class Broker:
             header["o"] = job.options
         if batch.isolate is not None:
             header["x"] = batch.isolate
+        if batch.skip:
+            header["sk"] = sorted(batch.skip)
         payload = batch.frames
         if job.digest in slot.functions:
             slot.functions.move_to_end(job.digest)

@@ -7,6 +7,7 @@ index of its first input ("i") and its length ("n").
 """
 
 import os
+import struct
 
 import msgpack
 import zmq
@@ -28,12 +29,13 @@ RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [er
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid}
-SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal}
+SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running}
 # broker -> worker
 KILL = b"K"  # {s: slot name, hard: 0 = interrupt the running call (SIGUSR1), 1 = kill the executor}
 # executor (one slot) <-> broker
 READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid}
-TASK = b"T"  # {j, i, n, d, z, f: function frame first, o: options, x: isolate from this offset}
+TASK = b"T"  # {j, i, n, d, z, f: function frame first, o: options, x: isolate from this offset, sk: offsets
+#               to skip (inputs that already failed by crashing executors)}
 #               payload: [function,] inputs
 # broker -> anyone it does not know (it restarted, or declared the peer dead): register again
 RECONNECT = b"Z"
@@ -119,3 +121,10 @@ def socket(ctx, kind, credential=None, role=None):
 
 def is_local(address):
     return address.startswith(("ipc://", "inproc://")) or "//127." in address or "//localhost" in address
+
+
+# Where an executor is: it writes (job id, batch start, offset) to a small file before each call in isolation
+# mode, and offset -1 after; the worker reads it when the executor dies, so the broker learns the culprit even
+# when the executor's last messages were lost with it.
+WHERE = struct.Struct("<8sqq")
+NOWHERE = WHERE.pack(bytes(8), 0, -1)

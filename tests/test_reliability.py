@@ -68,15 +68,28 @@ def crash(x):
         import ctypes
 
         ctypes.string_at(0)  # segmentation fault
+    if x == 13:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does to a memory blow-up
+    if x == 17:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, resource.RLIM_INFINITY))
+        try:
+            bytearray(4 << 30)  # a blow-up the interpreter survives: MemoryError, for this input only
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     return x
 
 
 def test_inputs_that_crash_the_interpreter_fail_alone(rpm):
+    bad = (7, 11, 13, 17)
     out = rpm(crash, range(40), return_exceptions=True)
-    assert [out[i] for i in range(40) if i not in (7, 11)] == [i for i in range(40) if i not in (7, 11)]
+    assert [out[i] for i in range(40) if i not in bad] == [i for i in range(40) if i not in bad]
     assert isinstance(out[7], burla.WorkerDiedError) and "exit code 13" in str(out[7])
     assert isinstance(out[11], burla.WorkerDiedError) and "SIGSEGV" in str(out[11])
-    assert out[7].burla_input_index == 7 and out[11].burla_input_index == 11
+    assert isinstance(out[13], burla.WorkerDiedError) and "SIGKILL" in str(out[13])
+    assert isinstance(out[17], MemoryError)
+    assert [out[i].burla_input_index for i in bad] == list(bad)
 
 
 def test_executors_killed_at_random_twenty_times(cluster, rpm):

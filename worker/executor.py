@@ -85,12 +85,13 @@ class Capture(io.TextIOBase):
 
 
 class Executor:
-    def __init__(self, broker, worker_id, slot, control_fd=None, token=None):
+    def __init__(self, broker, worker_id, slot, control_fd=None, token=None, where_fd=None):
         self.broker = broker
         self.worker_id = worker_id
         self.name = f"{worker_id}/{slot}"
         self.control_fd = control_fd  # from the worker: b"R" = say READY again; end of file = exit
         self.token = token
+        self.where_fd = where_fd  # see P.WHERE
         self.functions = collections.OrderedDict()
         self.tasks = collections.deque()
         self.sink = LogSink()
@@ -177,7 +178,9 @@ class Executor:
         except BaseException as e:
             info = error_info(e, start + first, "<not loaded>", "loading the function or inputs")
             return self.reply({"j": job, "i": start, "o": first, "k": 0, "e": [info], "all": 1, "f": 1}, [], [e])
-        one_by_one = isolate is not None or options.get("r") or options.get("t")
+        if isolate is not None:
+            return self.run_isolated(job, start, function, inputs, isolate, set(header.get("sk") or ()), options)
+        one_by_one = options.get("r") or options.get("t")
         k = first
         while k < len(inputs):
             done, error = [], None
@@ -185,9 +188,7 @@ class Executor:
             t0 = time.perf_counter()
             self.calling = True
             try:
-                if isolate is not None:
-                    done.append(self.call(function, inputs[k], options))
-                elif one_by_one:
+                if one_by_one:
                     for value in inputs[k:] if k else inputs:
                         done.append(self.call(function, value, options))
                 else:
@@ -206,6 +207,35 @@ class Executor:
             k = end
             if stop:
                 break
+
+    def run_isolated(self, job, start, function, inputs, first, skip, options):
+        """After this batch crashed an executor: one input at a time, each announced in the WHERE record and
+        answered in a RESULT of its own, leaving out the inputs that already failed by crashing."""
+        todo = [k for k in range(first, len(inputs)) if k not in skip]
+        if not todo:
+            return self.reply({"j": job, "i": start, "o": len(inputs), "k": 0, "f": 1}, [], [])
+        for k in todo:
+            done, error = [], None
+            self.sink.start, self.sink.done = start + k, done
+            self.where(job, start, k)
+            t0 = time.perf_counter()
+            self.calling = True
+            try:
+                done.append(self.call(function, inputs[k], options))
+            except BaseException as e:
+                error = e
+            finally:
+                self.calling = False
+                self.where(job, start, -1)
+            self.sink.finish_lines()
+            stop = error is not None and (isinstance(error, Cancelled) or not options.get("c"))
+            self.send_result(job, start, k, done, error, inputs, time.perf_counter() - t0, stop or k == todo[-1])
+            if stop:
+                return
+
+    def where(self, job, start, offset):
+        if self.where_fd is not None:
+            os.pwrite(self.where_fd, P.WHERE.pack(job, start, offset), 0)
 
     def call(self, function, value, options):
         """One call with the job's retries and per-call timeout."""
@@ -310,6 +340,6 @@ def die_with_parent():
         os._exit(1)
 
 
-def main(broker, worker_id, slot, control_fd=None, token=None):
+def main(broker, worker_id, slot, control_fd=None, token=None, where_fd=None):
     die_with_parent()
-    Executor(broker, worker_id, slot, control_fd, token).run()
+    Executor(broker, worker_id, slot, control_fd, token, where_fd).run()

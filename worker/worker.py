@@ -8,6 +8,7 @@ import os
 import signal
 import socket as pysocket
 import sys
+import tempfile
 import time
 import traceback
 
@@ -27,6 +28,8 @@ class Slot:
         self.control = None  # write end of the executor's control pipe; closing it tells the executor to exit
         self.pidfd = None
         self.started = 0.0
+        self.where = tempfile.TemporaryFile()  # the executor's P.WHERE record, read when it dies
+        os.pwrite(self.where.fileno(), P.NOWHERE, 0)
 
 
 def host_resources():
@@ -72,7 +75,7 @@ class Worker:
                             os.close(other.control)
                     from burla.worker import executor
 
-                    executor.main(self.broker, self.id, slot.index, read, self.token)
+                    executor.main(self.broker, self.id, slot.index, read, self.token, slot.where.fileno())
                 except BaseException:
                     traceback.print_exc()
                     code = 1
@@ -80,10 +83,12 @@ class Worker:
                     os._exit(code)
             slot.popen = None
         else:
+            where = slot.where.fileno()
             code = ("import os; from burla.worker.executor import main; "
-                    f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, os.environ.pop('BURLA_WORKER_TOKEN', None))")
+                    f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, "
+                    f"os.environ.pop('BURLA_WORKER_TOKEN', None), {where})")
             env = dict(os.environ, BURLA_WORKER_TOKEN=self.token) if self.token else None  # not on a command line
-            slot.popen = __import__("subprocess").Popen([sys.executable, "-c", code], pass_fds=(read,), env=env)
+            slot.popen = __import__("subprocess").Popen([sys.executable, "-c", code], pass_fds=(read, where), env=env)
             pid = slot.popen.pid
         os.close(read)
         slot.pid, slot.control, slot.started = pid, write, time.monotonic()
@@ -110,7 +115,12 @@ class Worker:
             if code is None:
                 continue
             self.forget(slot)
-            P.send(self.sock, P.SLOT_DIED, {"w": self.id, "s": f"{self.id}/{slot.index}", "code": code})
+            died = {"w": self.id, "s": f"{self.id}/{slot.index}", "code": code}
+            job, start, offset = P.WHERE.unpack(os.pread(slot.where.fileno(), P.WHERE.size, 0))
+            if offset >= 0:
+                died["at"] = {"j": job, "i": start, "o": offset}
+            os.pwrite(slot.where.fileno(), P.NOWHERE, 0)
+            P.send(self.sock, P.SLOT_DIED, died)
             log.warning("executor %d exited with %s; restarting it", slot.index, code)
             if time.monotonic() - slot.started < 1.0:
                 time.sleep(0.5)  # do not spin on an executor that cannot start
