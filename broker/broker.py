@@ -561,6 +561,13 @@ def describe_exit(code):
 
 def main(bind, parent_fd=None, keys=None):
     logging.basicConfig(level=logging.WARNING, format="burla broker: %(message)s")
+    try:  # every worker and client connection is a file descriptor: allow as many as the system does
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
     broker = Broker(bind, parent_fd, keys)
     host = pysocket.gethostname()
     log.info("listening on %s (%s, pid %d)", broker.address, host, os.getpid())
