@@ -80,6 +80,8 @@ def main(argv=None):
 
 
 def broker(args):
+    import os
+
     from burla.broker.broker import main as broker_main
 
     keys = None
@@ -92,6 +94,8 @@ def broker(args):
             return 0
         host = args.bind.split("//", 1)[1].rsplit(":", 1)
         address = f"tcp://{'HOST' if host[0] in ('0.0.0.0', '*') else host[0]}:{host[1]}"
+        (keys.folder / "client.toml").write_text(f'cluster = "{address}"\napi_key = "{keys.api_keys[0]}"\n')
+        os.chmod(keys.folder / "client.toml", 0o600)
         print(f"burla broker on {args.bind}, CURVE-encrypted; keys in {keys.folder}\n"
               f"  clients: burla login {address} --api-key {keys.api_keys[0]}\n"
               f"  workers: burla worker --broker {address} --token {keys.worker_tokens[0]}", flush=True)
