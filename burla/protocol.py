@@ -107,9 +107,10 @@ def socket(ctx, kind, credential=None, role=None):
     sock.linger = 0
     # High water marks are only a backstop: credit keeps queues short.
     sock.sndhwm = sock.rcvhwm = 100_000
-    # ZMTP heartbeats: a TCP connection that went silent (a cut link) is dropped, and dialled again.
+    # ZMTP heartbeats: a TCP connection silent for long (a cut link) is dropped, and dialled again. Generous: a
+    # PONG can queue behind a large message, and liveness is judged by our own heartbeats anyway.
     sock.heartbeat_ivl = int(HEARTBEAT_INTERVAL * 1000)
-    sock.heartbeat_timeout = int(HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS * 1000)
+    sock.heartbeat_timeout = int(max(10.0, 10 * HEARTBEAT_INTERVAL) * 1000)
     if kind == zmq.ROUTER:
         sock.router_mandatory = 1  # a send to a dead peer fails loudly instead of vanishing
     else:
