@@ -42,6 +42,7 @@ class Connection:
         self.client_id = os.urandom(8)
         self.compress = not P.is_local(address)
         self.idle = []
+        self.refused = None  # why the broker refused our credentials, once it has
         self.lock = threading.Lock()
         threading.Thread(target=self.heartbeat, daemon=True, name="burla-heartbeat").start()
 
@@ -62,13 +63,20 @@ class Connection:
             self.idle.append(sock)
 
     def heartbeat(self):
+        """Say we are alive; on a CURVE connection also watch the handshake, so that a refused API key is reported
+        at once (self.refused) instead of as a silent broker."""
         sock = self.new_socket()
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.api_key else None
         while True:
             try:
                 P.send(sock, P.HEARTBEAT, {"c": self.client_id})
             except zmq.Again:
                 pass
-            time.sleep(P.HEARTBEAT_INTERVAL)
+            if monitor is None:
+                time.sleep(P.HEARTBEAT_INTERVAL)
+            elif monitor.poll(P.HEARTBEAT_INTERVAL * 1000):
+                monitor.recv_multipart()
+                self.refused = f"the burla broker at {self.address} refused this API key"
 
 
 def connection(cluster=None, api_key=None):
@@ -176,6 +184,8 @@ class Job:
             self.fill()
             while self.outstanding or not self.exhausted:
                 if not self.sock.poll(250):
+                    if self.conn.refused:
+                        raise errors.ClusterConnectionError(self.conn.refused)
                     if time.monotonic() - self.heard > SILENCE_LIMIT:
                         raise errors.ClusterConnectionError(
                             f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "

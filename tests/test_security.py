@@ -79,6 +79,10 @@ def test_wrong_or_missing_key_is_refused_without_hanging(secure):
         with pytest.raises(burla.ClusterConnectionError, match="API key"):
             remote_parallel_map(abs, [1], cluster=secure.address, api_key=key, spinner=False)
         assert time.monotonic() - start < 8
+    start = time.monotonic()  # a key for this broker that it never issued is refused outright, and said so
+    with pytest.raises(burla.ClusterConnectionError, match="refused this API key"):
+        remote_parallel_map(abs, [1], cluster=secure.address, api_key=stranger, spinner=False)
+    assert time.monotonic() - start < 3
     with pytest.raises(ValueError, match="not a burla credential"):
         remote_parallel_map(abs, [1], cluster=secure.address, api_key="hunter2", spinner=False)
     with pytest.raises(ValueError, match="not an API key"):  # a worker token is not an API key
