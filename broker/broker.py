@@ -359,7 +359,10 @@ class Broker:
         slot = self.slots.get(self.slot_names.get(h.get("s")))
         if slot is not None and slot.worker_id == h.get("w"):
             at = h.get("at") if isinstance(h.get("at"), dict) else {}
-            self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}", at)
+            if h.get("timeout"):
+                self.remove_slot(slot, "its call ran past the job's timeout and was killed", at, timed_out=True)
+            else:
+                self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}", at)
 
     def on_result(self, ident, h, payload, role=None):
         slot = self.slots.get(ident)
@@ -387,7 +390,7 @@ class Broker:
         if job is not None:
             self.send(job.client, P.LOG, h, payload)
 
-    def remove_slot(self, slot, why, at=None):
+    def remove_slot(self, slot, why, at=None, timed_out=False):
         """Forget a slot whose executor is gone, and run what it held again. at: the input its call was running,
         if its worker knows (see P.WHERE); otherwise the oldest batch is the one that was running."""
         self.slots.pop(slot.ident, None)
@@ -403,7 +406,7 @@ class Broker:
             else:
                 running = k == 0
                 culprit = batch.progress if running and batch.n - batch.progress - len(batch.skip) == 1 else None
-            self.requeue(job, batch, why, culprit if isinstance(culprit, int) else None, running)
+            self.requeue(job, batch, why, culprit if isinstance(culprit, int) else None, running, timed_out)
         slot.inflight.clear()
         self.unbind(slot)
         self.dirty = True
@@ -416,7 +419,7 @@ class Broker:
                 self.remove_slot(slot, f"its worker {worker.id} {why}")
         log.warning("worker %s removed: %s", worker.id, why)
 
-    def requeue(self, job, batch, why, culprit=None, running=True):
+    def requeue(self, job, batch, why, culprit=None, running=True, timed_out=False):
         """Run a batch again after its executor died. The batch that was running is re-run in isolation (one
         input per RESULT, its position in the WHERE record) so that the input that crashes is known; an input that
         was running at MAX_ATTEMPTS deaths fails with WorkerDiedError and is skipped, the rest go on."""
@@ -424,11 +427,13 @@ class Broker:
             return
         if culprit is not None and 0 <= culprit < batch.n:
             deaths = batch.deaths[culprit] = batch.deaths.get(culprit, 0) + 1
-            if deaths >= MAX_ATTEMPTS:
+            if deaths >= MAX_ATTEMPTS or timed_out:
                 index = batch.start + culprit
                 error = {"i": index, "type": "burla.WorkerDiedError", "tb": "", "input": "",
                          "msg": f"input {index} was running when its worker process died, {deaths} times "
                                 f"(last time {why})"}
+                if timed_out:
+                    error.update(type="burla.CallTimeoutError", msg=f"input {index}: {why}")
                 batch.skip.add(culprit)
                 job.done += 1
                 self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "o": culprit, "k": 0,

@@ -335,6 +335,8 @@ def remote_exception(info, frames):
             exc = None
     if info["type"] == "burla.WorkerDiedError":
         exc = errors.WorkerDiedError(info["msg"])
+    elif info["type"] == "burla.CallTimeoutError":  # killed by its worker: no exception object to send
+        exc = errors.CallTimeoutError(info["msg"])
     elif not isinstance(exc, Exception):
         # Not rebuildable here, or a BaseException such as SystemExit that must not end this process.
         exc = errors.RemoteError(info["type"], info["msg"])

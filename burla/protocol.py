@@ -29,7 +29,8 @@ RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [er
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid}
-SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running}
+SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running,
+#                    timeout?: 1 when the worker killed it for running past the call's deadline}
 # broker -> worker
 KILL = b"K"  # {s: slot name, hard: 0 = interrupt the running call (SIGUSR1), 1 = kill the executor}
 # executor (one slot) <-> broker
@@ -124,8 +125,9 @@ def is_local(address):
     return address.startswith(("ipc://", "inproc://")) or "//127." in address or "//localhost" in address
 
 
-# Where an executor is: it writes (job id, batch start, offset) to a small file before each call in isolation
-# mode, and offset -1 after; the worker reads it when the executor dies, so the broker learns the culprit even
-# when the executor's last messages were lost with it.
-WHERE = struct.Struct("<8sqq")
-NOWHERE = WHERE.pack(bytes(8), 0, -1)
+# Where an executor is: before each call of a re-run batch (or of a job with a timeout) it writes (job id, batch
+# start, offset, deadline) to a small file, and offset -1 after. The worker reads it when the executor dies, so the
+# broker learns the culprit even when the executor's last messages were lost with it; and it kills an executor
+# whose call is past its deadline (a timeout that the call, stuck in C code, did not notice).
+WHERE = struct.Struct("<8sqqd")
+NOWHERE = WHERE.pack(bytes(8), 0, -1, 0.0)

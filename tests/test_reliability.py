@@ -61,6 +61,21 @@ def test_timeout_stops_a_long_call(rpm):
         rpm(slow_on_one, [1], timeout=0.2)
 
 
+def test_timeout_stops_a_call_stuck_in_c_code(rpm):
+    def stuck_on_two(x):
+        if x == 2:
+            import hashlib
+
+            hashlib.pbkdf2_hmac("sha256", b"k", b"s", 2**31 - 1)  # minutes in C code that never looks at signals
+        return x
+
+    start = time.monotonic()
+    out = rpm(stuck_on_two, range(5), timeout=0.5, return_exceptions=True)
+    assert time.monotonic() - start < 6  # 0.5 s timeout + 1 s grace, then the worker kills the executor
+    assert [out[i] for i in (0, 1, 3, 4)] == [0, 1, 3, 4]
+    assert isinstance(out[2], burla.CallTimeoutError) and out[2].burla_input_index == 2
+
+
 def crash(x):
     if x == 7:
         os._exit(13)

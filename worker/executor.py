@@ -24,6 +24,7 @@ from burla import serialize
 
 PREFETCH = 2  # batches this slot may hold: one running, one waiting
 FUNCTION_CACHE = 32  # the broker assumes the same size and LRU order (see broker.FUNCTION_CACHE)
+TIMEOUT_GRACE = 1.0  # seconds past a call's timeout before its worker kills the executor (SIGALRM came first)
 LOG_LINGER = 0.02  # seconds a first pending line waits for company before it is sent
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 200
@@ -190,6 +191,7 @@ class Executor:
             try:
                 if one_by_one:
                     for value in inputs[k:] if k else inputs:
+                        self.where(job, start, k + len(done), options.get("t"))
                         done.append(self.call(function, value, options))
                 else:
                     # extend() keeps what map() produced before an exception: len(done) names the failing input
@@ -198,6 +200,8 @@ class Executor:
                 error = e
             finally:
                 self.calling = False
+                if one_by_one:
+                    self.where(job, start, -1)
             elapsed = time.perf_counter() - t0
             self.sink.finish_lines()
             end = k + len(done) + (error is not None)
@@ -217,7 +221,7 @@ class Executor:
         for k in todo:
             done, error = [], None
             self.sink.start, self.sink.done = start + k, done
-            self.where(job, start, k)
+            self.where(job, start, k, options.get("t"))
             t0 = time.perf_counter()
             self.calling = True
             try:
@@ -233,9 +237,10 @@ class Executor:
             if stop:
                 return
 
-    def where(self, job, start, offset):
+    def where(self, job, start, offset, timeout=None):
         if self.where_fd is not None:
-            os.pwrite(self.where_fd, P.WHERE.pack(job, start, offset), 0)
+            deadline = time.monotonic() + timeout + TIMEOUT_GRACE if timeout else 0.0
+            os.pwrite(self.where_fd, P.WHERE.pack(job, start, offset, deadline), 0)
 
     def call(self, function, value, options):
         """One call with the job's retries and per-call timeout."""

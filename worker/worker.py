@@ -28,6 +28,7 @@ class Slot:
         self.control = None  # write end of the executor's control pipe; closing it tells the executor to exit
         self.pidfd = None
         self.started = 0.0
+        self.timed_out = False  # killed for running past a call's deadline
         self.where = tempfile.TemporaryFile()  # the executor's P.WHERE record, read when it dies
         os.pwrite(self.where.fileno(), P.NOWHERE, 0)
 
@@ -116,15 +117,29 @@ class Worker:
                 continue
             self.forget(slot)
             died = {"w": self.id, "s": f"{self.id}/{slot.index}", "code": code}
-            job, start, offset = P.WHERE.unpack(os.pread(slot.where.fileno(), P.WHERE.size, 0))
+            job, start, offset, _ = P.WHERE.unpack(os.pread(slot.where.fileno(), P.WHERE.size, 0))
             if offset >= 0:
                 died["at"] = {"j": job, "i": start, "o": offset}
+            if slot.timed_out:
+                died["timeout"], slot.timed_out = 1, False
             os.pwrite(slot.where.fileno(), P.NOWHERE, 0)
             P.send(self.sock, P.SLOT_DIED, died)
             log.warning("executor %d exited with %s; restarting it", slot.index, code)
             if time.monotonic() - slot.started < 1.0:
                 time.sleep(0.5)  # do not spin on an executor that cannot start
             self.start_slot(slot, fork=False)
+
+    def kill_overdue(self):
+        """Kill an executor whose call ran past its timeout without noticing (stuck in C code)."""
+        now = time.monotonic()
+        for slot in self.slots:
+            _, _, offset, deadline = P.WHERE.unpack(os.pread(slot.where.fileno(), P.WHERE.size, 0))
+            if offset >= 0 and 0 < deadline < now and not slot.timed_out:
+                slot.timed_out = True
+                try:
+                    os.kill(slot.pid, signal.SIGKILL)
+                except (ProcessLookupError, TypeError):
+                    pass
 
     def forget(self, slot):
         if slot.control is not None:
@@ -181,12 +196,11 @@ class Worker:
                 pidfds = [s.pidfd for s in self.slots if s.pidfd is not None]
                 for fd in pidfds:
                     poller.register(fd, zmq.POLLIN)
-                timeout = max(0.0, next_beat - time.monotonic())
-                if len(pidfds) < len(self.slots):
-                    timeout = min(timeout, 0.2)  # no pidfd: look for dead executors often
+                timeout = min(max(0.0, next_beat - time.monotonic()), 0.25)  # also look for overdue calls
                 events = dict(poller.poll(timeout * 1000))
                 if self.parent_fd is not None and self.parent_fd in events:
                     return
+                self.kill_overdue()
                 self.reap()
                 while self.sock.poll(0):
                     command, header, _ = P.recv(self.sock)
