@@ -15,6 +15,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 
 import zmq
 
@@ -251,6 +252,10 @@ class Job:
             self.progress.advance(sum(len(v) for _, v in runs))
         return [(start + k, v) for k, v in runs]
 
+    def abandon(self):
+        if not self.closed:
+            self.close(P.CANCEL)
+
     def close(self, command):
         self.closed = True
         try:
@@ -394,7 +399,10 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     job = Job(connection(cluster, api_key), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
               options, return_exceptions)
     if generator:
-        return (value for _, values in job.batches() for value in values)
+        job.fill()  # work starts now, not at the first next()
+        results = (value for _, values in job.batches() for value in values)
+        weakref.finalize(results, job.abandon)  # a generator dropped unfinished (or never started) cancels its job
+        return results
     results = []
     for start, values in job.batches():
         end = start + len(values)

@@ -30,6 +30,24 @@ def test_generator_yields_every_result(rpm):
     assert sorted(out) == list(range(1, 501))
 
 
+def test_generator_starts_at_once_and_cancels_when_dropped(rpm, cluster):
+    from burla.client import cluster_state
+
+    def jobs():
+        return cluster_state(cluster.address)["jobs"]
+
+    it = rpm(lambda x: time.sleep(0.2) or x, range(100), generator=True)
+    deadline = time.monotonic() + 5
+    while not (jobs() and jobs()[0]["submitted"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert jobs()[0]["submitted"] > 0  # inputs went out before the first next()
+    del it
+    deadline = time.monotonic() + 5
+    while jobs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert jobs() == []
+
+
 def test_empty_inputs(rpm):
     assert rpm(abs, []) == []
 
