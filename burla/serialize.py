@@ -9,7 +9,11 @@ the frame actually shrinks; on loopback or ipc compression costs more time than 
 import collections
 import hashlib
 import io
+import os
 import pickle
+import site
+import sys
+import sysconfig
 import types
 
 import cloudpickle
@@ -31,7 +35,49 @@ class _FunctionPickler(cloudpickle.Pickler):
                                               cloudpickle.Pickler.dispatch_table)
 
 
+def _installed_roots():
+    roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots.update(site.getsitepackages() + [site.getusersitepackages()])
+    roots.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # burla itself
+    return tuple(os.path.realpath(r) + os.sep for r in roots if r)
+
+
+_INSTALLED = _installed_roots()
+
+
+_BY_VALUE = set()  # module names already registered with cloudpickle
+_OWN = {}  # module file -> whether it is the user's own (realpath costs system calls: ask once per file)
+
+
+def _is_users_own(module):
+    """A module of the user's own code: a file outside the standard library and site-packages (a script's
+    neighbour, a notebook's folder, an editable install)."""
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    if path not in _OWN:
+        _OWN[path] = not os.path.realpath(path).startswith(_INSTALLED)
+    return _OWN[path]
+
+
+def _send_by_value(function):
+    """Have cloudpickle carry the user's own modules that the function uses by value: workers on other machines do
+    not have them. (Installed packages still go by reference.)"""
+    names = {getattr(function, "__module__", None)}
+    for value in getattr(function, "__globals__", {}).values():
+        names.add(value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None))
+    for name in names - _BY_VALUE:
+        module = sys.modules.get(name) if isinstance(name, str) and name != "__main__" else None
+        if module is not None and _is_users_own(module):
+            _BY_VALUE.add(name)
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:
+                pass
+
+
 def dumps_function(function):
+    _send_by_value(function)
     out = io.BytesIO()
     _FunctionPickler(out, protocol=5).dump(function)
     data = out.getvalue()

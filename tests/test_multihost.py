@@ -17,11 +17,12 @@ pytestmark = pytest.mark.skipif(not netns.available(), reason="needs root and ip
 CLIENT = """
 import json, os, sys, time
 from burla import remote_parallel_map
+import helpers  # a module beside this script, which the worker hosts do not have: it travels by value
 
 def where(x):
     print(f"call {x}")
     time.sleep(0.05)
-    return x * 2, os.getppid()
+    return helpers.double(x), os.getppid()
 
 out = remote_parallel_map(where, range(40), cluster=sys.argv[1], spinner=False)
 # large, compressible inputs and results cross the network blosc2-compressed
@@ -72,6 +73,7 @@ def test_job_runs_across_hosts(network, tmp_path):
 
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
+    (tmp_path / "helpers.py").write_text("def double(x):\n    return x * 2\n")
     client = network.python("client", str(script), address, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     out, err = client.communicate(timeout=60)
