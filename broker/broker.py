@@ -133,7 +133,6 @@ class Broker:
         self.order = collections.deque()  # job ids, rotated for fairness between jobs
         self.stopping = {}  # slot identity -> when to kill its executor if its cancelled call still runs
         self.dirty = False
-        self.running = True
         self.handlers = {
             P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_cancel,
             P.STATUS: self.on_status, P.RESULT: self.on_result, P.LOG: self.on_log, P.READY: self.on_ready,
@@ -147,7 +146,7 @@ class Broker:
         if self.parent_fd is not None:
             poller.register(self.parent_fd, zmq.POLLIN)
         next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
-        while self.running:
+        while True:
             timeout = max(0.0, min([next_beat, *self.stopping.values()]) - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
             if self.parent_fd is not None and self.parent_fd in events:
@@ -156,12 +155,12 @@ class Broker:
                 for _ in range(1000):  # drain, but let heartbeats through under a flood
                     try:
                         self.handle(*P.recv_routed(self.sock))
-                    except zmq.Again:
-                        break
                     except P.ProtocolError as e:
                         self.dropped(str(e))
                     except (KeyError, TypeError, ValueError, AttributeError) as e:
                         self.dropped(f"{type(e).__name__}: {e}")
+                    except Exception:  # a bug in one handler must not take the cluster down: say it, go on
+                        log.exception("a message failed to handle")
                     if not self.sock.poll(0):
                         break
             if self.stopping:
