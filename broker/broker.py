@@ -266,7 +266,7 @@ class Broker:
         """Ask the slot's worker to interrupt the running call (SIGUSR1), or to kill the executor (SIGKILL)."""
         worker = self.workers.get(slot.worker_id)
         if worker is not None:
-            self.send(worker.ident, P.KILL, {"s": slot.name, "hard": int(hard)})
+            self.send(worker.ident, P.KILL, {"s": slot.name, "j": slot.job.id if slot.job else b"", "hard": int(hard)})
         if not hard:
             self.stopping[slot.ident] = time.monotonic() + STOP_GRACE
 

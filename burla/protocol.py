@@ -32,7 +32,7 @@ REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid}
 SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running,
 #                    timeout?: 1 when the worker killed it for running past the call's deadline}
 # broker -> worker
-KILL = b"K"  # {s: slot name, hard: 0 = interrupt the running call (SIGUSR1), 1 = kill the executor}
+KILL = b"K"  # {s: slot name, j: job, hard: 0 = interrupt that job's running call (SIGUSR1), 1 = kill the executor}
 # executor (one slot) <-> broker
 READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid}
 TASK = b"T"  # {j, i, n, d, z, f: function frame first, o: options, x: isolate from this offset, sk: offsets

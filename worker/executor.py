@@ -99,13 +99,17 @@ class Executor:
         self.job = None
         self.compress = not P.is_local(broker)
         self.lock = threading.Lock()  # the socket is shared with the log thread; all use goes through it
+        self.calling = False  # in a user call: only then may SIGUSR1 raise Cancelled
+        self.cancelled = collections.deque(maxlen=64)  # ids of jobs cancelled lately
+        self.control_buffer, self.reready = b"", False
 
     def run(self):
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
         self.sock.connect(self.broker)
         self.streams = Capture(self.sink, 1), Capture(self.sink, 2)
-        self.calling = False
+        if self.control_fd is not None:
+            os.set_blocking(self.control_fd, False)
         signal.signal(signal.SIGUSR1, self.on_cancel_signal)
         signal.signal(signal.SIGALRM, on_timeout)
         threading.Thread(target=self.log_loop, daemon=True, name="burla-logs").start()
@@ -117,8 +121,12 @@ class Executor:
         while True:
             if not self.tasks:
                 events = dict(poller.poll(1000))
-                if self.control_fd in events and not self.control():
+                if self.control_fd in events and not self.read_control():
                     return
+            if self.reready:
+                self.reready = False
+                self.tasks.clear()
+                self.ready()
             with self.lock:
                 while self.sock.poll(0):
                     self.handle(*P.recv(self.sock))
@@ -126,8 +134,34 @@ class Executor:
                 self.run_task(*self.tasks.popleft())
 
     def on_cancel_signal(self, *_):
-        if self.calling:  # only ever a call: never the executor's own work between calls
+        self.read_control()
+        # only ever a call of the cancelled job: never our own work between calls, never another job's call
+        if self.calling and self.job in self.cancelled:
             raise Cancelled("the job was cancelled")
+
+    def read_control(self):
+        """Read what the worker wrote: b"R" = say READY again; b"C" + job id = that job is cancelled.
+        False at end of file (the worker is gone)."""
+        if self.control_fd is None:
+            return True
+        try:
+            data = os.read(self.control_fd, 4096)
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        buf = self.control_buffer + data
+        while buf:
+            if buf[:1] == b"C":
+                if len(buf) < 9:
+                    break
+                self.cancelled.append(buf[1:9])
+                buf = buf[9:]
+            else:
+                self.reready = self.reready or buf[:1] == b"R"
+                buf = buf[1:]
+        self.control_buffer = buf
+        return True
 
     def ready(self):
         with self.lock:
@@ -136,19 +170,12 @@ class Executor:
     def ready_unlocked(self):
         P.send(self.sock, P.READY, {"w": self.worker_id, "s": self.name, "k": PREFETCH, "pid": os.getpid()})
 
-    def control(self):
-        data = os.read(self.control_fd, 64)
-        if not data:
-            return False
-        if b"R" in data:
-            self.tasks.clear()
-            self.ready()
-        return True
 
     def handle(self, command, header, payload):
         if command == P.TASK:
             self.tasks.append((header, payload))
         elif command == P.CANCEL:
+            self.cancelled.append(header["j"])
             self.tasks = collections.deque(t for t in self.tasks if t[0]["j"] != header["j"])
         elif command == P.RECONNECT:
             self.tasks.clear()
@@ -169,6 +196,8 @@ class Executor:
         per input in isolation mode (a re-run after this batch crashed an executor: the broker learns which
         input was running when a process dies)."""
         job, start = header["j"], header["i"]
+        if job in self.cancelled:  # told by signal before its CANCEL message came: free the slot, run nothing
+            return self.reply({"j": job, "i": start, "o": 0, "k": 0, "f": 1}, [], [])
         options, isolate = header.get("o") or {}, header.get("x")
         first = isolate or 0
         self.job = job

@@ -208,7 +208,7 @@ class Worker:
                     if command == P.RECONNECT:
                         self.rejoin()
                     elif command == P.KILL:
-                        self.signal_slot(header.get("s"), signal.SIGKILL if header.get("hard") else signal.SIGUSR1)
+                        self.signal_slot(header.get("s"), header.get("j"), bool(header.get("hard")))
                 now = time.monotonic()
                 if now - heard > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
                     log.warning("no word from the broker for %.1f s; registering again", now - heard)
@@ -221,13 +221,21 @@ class Worker:
             self.stop_executors()
             self.sock.close(0)
 
-    def signal_slot(self, name, signum):
+    def signal_slot(self, name, job, hard):
+        """Kill a slot's executor, or interrupt its call if (and only if) that call is the given job's: the job
+        id goes down the control pipe first, and the executor's SIGUSR1 handler reads it."""
         prefix, _, index = str(name).rpartition("/")
-        if prefix == self.id and index.isdigit() and int(index) < len(self.slots):
-            try:
-                os.kill(self.slots[int(index)].pid, signum)
-            except (ProcessLookupError, TypeError):
-                pass
+        if prefix != self.id or not index.isdigit() or int(index) >= len(self.slots):
+            return
+        slot = self.slots[int(index)]
+        try:
+            if not hard:
+                if not (isinstance(job, bytes) and len(job) == 8) or slot.control is None:
+                    return
+                os.write(slot.control, b"C" + job)
+            os.kill(slot.pid, signal.SIGKILL if hard else signal.SIGUSR1)
+        except (ProcessLookupError, TypeError, OSError):
+            pass
 
     def rejoin(self):
         self.register()
