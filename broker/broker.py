@@ -88,6 +88,20 @@ class Worker:
     def fits(self, job):
         return self.free_cpu >= job.cpu and self.free_ram >= job.ram and gpus_match(self.free_gpus, job.gpu)
 
+    def take(self, claim):
+        cpu, ram, gpus = claim
+        self.free_cpu -= cpu
+        self.free_ram -= ram
+        for g in gpus:
+            if g in self.free_gpus:
+                self.free_gpus.remove(g)
+
+    def give(self, claim):
+        cpu, ram, gpus = claim
+        self.free_cpu += cpu
+        self.free_ram += ram
+        self.free_gpus.extend(gpus)
+
 
 class Slot:
     def __init__(self, ident, name, worker_id, pid):
@@ -120,7 +134,7 @@ class Broker:
     def __init__(self, bind, parent_fd=None, keys=None):
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.ROUTER)
-        self.auth = keys.serve(self.ctx, self.sock) if keys is not None else None
+        self.auth = keys.serve(self.ctx, self.sock) if keys is not None else None  # held: its thread serves ZAP
         self.sock.bind(bind)
         self.drops, self.drops_logged = 0, 0.0
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -134,7 +148,7 @@ class Broker:
         self.stopping = {}  # slot identity -> when to kill its executor if its cancelled call still runs
         self.dirty = False
         self.handlers = {
-            P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_cancel,
+            P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_end,
             P.STATUS: self.on_status, P.RESULT: self.on_result, P.LOG: self.on_log, P.READY: self.on_ready,
             P.REGISTER: self.on_register, P.SLOT_DIED: self.on_slot_died, P.HEARTBEAT: self.on_heartbeat,
         }
@@ -235,11 +249,7 @@ class Broker:
         self.dirty = True
 
     def on_end(self, ident, h, payload, role=None):
-        job = self.jobs.get(h.get("j"))
-        if job is not None and job.owner == role:
-            self.drop_job(job.id)
-
-    def on_cancel(self, ident, h, payload, role=None):
+        """END (every outcome is in) and CANCEL alike: the job's owner is done with it."""
         job = self.jobs.get(h.get("j"))
         if job is not None and job.owner == role:
             self.drop_job(job.id)
@@ -283,8 +293,6 @@ class Broker:
     def on_heartbeat(self, ident, h, payload, role=None):
         if "c" in h:
             self.clients[h["c"]] = time.monotonic()
-        elif ident in self.slots:
-            pass
         else:
             worker = self.worker_by_ident(ident, h)
             if worker is None:
@@ -322,12 +330,7 @@ class Broker:
             if slot.worker_id == worker.id:
                 worker.slots.add(slot.ident)
                 if slot.claim is not None:
-                    cpu, ram, gpus = slot.claim
-                    worker.free_cpu -= cpu
-                    worker.free_ram -= ram
-                    for g in gpus:
-                        if g in worker.free_gpus:
-                            worker.free_gpus.remove(g)
+                    worker.take(slot.claim)
         self.send(ident, P.HEARTBEAT, {})
         self.dirty = True
         for job in list(self.jobs.values()):  # jobs that came before any worker: can this cluster run them?
@@ -447,11 +450,8 @@ class Broker:
     def bind(self, slot, worker, job):
         kind, count = job.gpu
         gpus = [g for g in worker.free_gpus if kind is None or g.lower() == kind.lower()][:count]
-        for g in gpus:
-            worker.free_gpus.remove(g)
-        worker.free_cpu -= job.cpu
-        worker.free_ram -= job.ram
         slot.claim = (job.cpu, job.ram, gpus)
+        worker.take(slot.claim)
         slot.job = job
         job.slots.add(slot)
 
@@ -463,10 +463,7 @@ class Broker:
         slot.job = None
         worker = self.workers.get(slot.worker_id)
         if worker is not None and slot.claim is not None:
-            cpu, ram, gpus = slot.claim
-            worker.free_cpu += cpu
-            worker.free_ram += ram
-            worker.free_gpus.extend(gpus)
+            worker.give(slot.claim)
         slot.claim = None
 
     def pick_job(self, slot, worker):

@@ -98,8 +98,7 @@ def connection(cluster=None, api_key=None):
 
 
 class Job:
-    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options,
-                 return_exceptions):
+    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options):
         try:
             function_bytes, digest = serialize.dumps_function(function_)
         except Exception as e:
@@ -117,7 +116,7 @@ class Job:
         self.per_call = None  # seconds one call takes, as measured by the workers
         self.item_bytes = None
         self.progress = Progress.create(spinner, self.total)
-        self.return_exceptions = return_exceptions
+        self.return_exceptions = bool(options.get("c"))
         self.sock = conn.socket()
         self.heard = time.monotonic()
         header = {"j": self.id, "c": conn.client_id, "d": digest, "cpu": cpu, "ram": ram, "gpu": gpu,
@@ -129,7 +128,8 @@ class Job:
         try:
             P.send(self.sock, command, header, payload)
         except zmq.Again:
-            self.closed = True  # this socket is stuck; do not pool it
+            self.closed = True  # this socket is stuck: close it rather than pool it
+            self.sock.close(0)
             raise errors.ClusterConnectionError(
                 f"could not reach the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
                 "(is it running, and is the API key right?)") from None
@@ -331,6 +331,9 @@ def with_source_lines(tb):
     return "".join(out)
 
 
+_BURLA_MADE = {"burla.WorkerDiedError": errors.WorkerDiedError, "burla.CallTimeoutError": errors.CallTimeoutError}
+
+
 def remote_exception(info, frames):
     exc = None
     if frames:
@@ -338,10 +341,8 @@ def remote_exception(info, frames):
             exc = serialize.unpack(None, frames[:1])
         except Exception:
             exc = None
-    if info["type"] == "burla.WorkerDiedError":
-        exc = errors.WorkerDiedError(info["msg"])
-    elif info["type"] == "burla.CallTimeoutError":  # killed by its worker: no exception object to send
-        exc = errors.CallTimeoutError(info["msg"])
+    if info["type"] in _BURLA_MADE:  # decided by the broker (a process died): no exception object travels
+        exc = _BURLA_MADE[info["type"]](info["msg"])
     elif not isinstance(exc, Exception):
         # Not rebuildable here, or a BaseException such as SystemExit that must not end this process.
         exc = errors.RemoteError(info["type"], info["msg"])
@@ -397,7 +398,7 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
 
     job = Job(connection(cluster, api_key), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
-              options, return_exceptions)
+              options)
     if generator:
         job.fill()  # work starts now, not at the first next()
         results = (value for _, values in job.batches() for value in values)

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import subprocess
@@ -66,17 +67,32 @@ class Cluster:
                     pass
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def broker_only():
+    """A broker of our own in a private folder, no workers yet; every process it started stops at the end."""
     with tempfile.TemporaryDirectory(prefix="burla-test-") as d:
         c = Cluster(d)
         c.start_broker()
-        c.start_worker("w1", slots=2)
         try:
-            c.wait_for(1, slots=2)
             yield c
         finally:
             c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Shared by a test module: a broker and one worker "w1" with two slots."""
+    with broker_only() as c:
+        c.start_worker("w1", slots=2)
+        c.wait_for(1, slots=2)
+        yield c
+
+
+@pytest.fixture
+def new_cluster():
+    """A test's own broker, for tests that kill or restart parts of the cluster; it adds its workers."""
+    with broker_only() as c:
+        yield c
 
 
 @pytest.fixture

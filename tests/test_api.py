@@ -255,26 +255,19 @@ def test_compression_round_trip_only_where_it_pays():
     assert serialize.unpack(flags, frames) == [zeros, bytearray(noise)]
 
 
-def test_job_waiting_for_workers_is_rejected_when_the_first_worker_cannot_fit_it(tmp_path):
-    from conftest import Cluster
+def test_job_waiting_for_workers_is_rejected_when_the_first_worker_cannot_fit_it(new_cluster):
+    failure = []
 
-    c = Cluster(str(tmp_path))
-    try:
-        c.start_broker()
-        failure = []
+    def submit():
+        try:
+            remote_parallel_map(abs, [1], func_cpu=64, cluster=new_cluster.address, spinner=False)
+        except Exception as e:
+            failure.append(e)
 
-        def submit():
-            try:
-                remote_parallel_map(abs, [1], func_cpu=64, cluster=c.address, spinner=False)
-            except Exception as e:
-                failure.append(e)
-
-        client = threading.Thread(target=submit)
-        client.start()
-        time.sleep(0.5)  # the job waits: no worker yet
-        assert client.is_alive()
-        c.start_worker("small", 1)
-        client.join(10)
-        assert not client.is_alive() and isinstance(failure[0], burla.NoCompatibleWorkerError)
-    finally:
-        c.stop()
+    client = threading.Thread(target=submit)
+    client.start()
+    time.sleep(0.5)  # the job waits: no worker yet
+    assert client.is_alive()
+    new_cluster.start_worker("small", 1)
+    client.join(10)
+    assert not client.is_alive() and isinstance(failure[0], burla.NoCompatibleWorkerError)

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -13,7 +12,6 @@ import pytest
 
 import burla
 from burla import remote_parallel_map
-from conftest import Cluster
 
 
 def slow_identity(x):
@@ -46,25 +44,20 @@ def test_killed_executor_loses_nothing(cluster):
     assert remote_parallel_map(abs, [-1] * 10, cluster=cluster.address, spinner=False) == [1] * 10
 
 
-def test_killed_worker_host_loses_nothing():
-    with tempfile.TemporaryDirectory(prefix="burla-test-") as d:
-        c = Cluster(d)
-        try:
-            c.start_broker()
-            c.start_worker("stays", 2)
-            c.start_worker("dies", 2)
-            c.wait_for(2, slots=4)
-            # the whole worker goes: its process and, with it, its executors
-            killer = kill_later(0.5, [c.procs["dies"].pid])
-            start = time.monotonic()
-            out = remote_parallel_map(slow_identity, range(60), cluster=c.address, spinner=False)
-            killer.join()
-            assert sorted(out) == out == list(range(60))
-            assert time.monotonic() - start < 15
-            state = c.wait_for(1)
-            assert [w["id"] for w in state["workers"]] == ["stays"]
-        finally:
-            c.stop()
+def test_killed_worker_host_loses_nothing(new_cluster):
+    c = new_cluster
+    c.start_worker("stays", 2)
+    c.start_worker("dies", 2)
+    c.wait_for(2, slots=4)
+    # the whole worker goes: its process and, with it, its executors
+    killer = kill_later(0.5, [c.procs["dies"].pid])
+    start = time.monotonic()
+    out = remote_parallel_map(slow_identity, range(60), cluster=c.address, spinner=False)
+    killer.join()
+    assert sorted(out) == out == list(range(60))
+    assert time.monotonic() - start < 15
+    state = c.wait_for(1)
+    assert [w["id"] for w in state["workers"]] == ["stays"]
 
 
 def test_call_that_kills_its_executor_fails_with_worker_died(cluster):
@@ -79,52 +72,46 @@ def test_call_that_kills_its_executor_fails_with_worker_died(cluster):
     assert remote_parallel_map(abs, [-3], cluster=cluster.address, spinner=False) == [3]
 
 
-def test_broker_death_raises_instead_of_hanging_and_workers_rejoin_a_new_one():
-    with tempfile.TemporaryDirectory(prefix="burla-test-") as d:
-        c = Cluster(d)
-        try:
-            c.start_broker()
-            c.start_worker("w", 2)
-            c.wait_for(1)
-            killer = kill_later(0.5, [c.procs["broker"].pid])
-            start = time.monotonic()
-            with pytest.raises(burla.ClusterConnectionError, match="no word from the burla broker"):
-                remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False)
-            assert time.monotonic() - start < 8
-            print(f"broker killed: the client raised after {time.monotonic() - start - 0.5:.2f} s")
-            killer.join()
-            c.procs.pop("broker").wait()
-            c.start_broker()  # a new broker on the same address: the worker finds it and registers again
-            c.wait_for(1, slots=2)
-            assert remote_parallel_map(abs, [-1, -2], cluster=c.address, spinner=False) == [1, 2]
-        finally:
-            c.stop()
+def test_broker_death_raises_instead_of_hanging_and_workers_rejoin_a_new_one(new_cluster):
+    c = new_cluster
+    c.start_worker("w", 2)
+    c.wait_for(1)
+    killer = kill_later(0.5, [c.procs["broker"].pid])
+    start = time.monotonic()
+    with pytest.raises(burla.ClusterConnectionError, match="no word from the burla broker"):
+        remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False)
+    assert time.monotonic() - start < 8
+    print(f"broker killed: the client raised after {time.monotonic() - start - 0.5:.2f} s")
+    killer.join()
+    c.procs.pop("broker").wait()
+    c.start_broker()  # a new broker on the same address: the worker finds it and registers again
+    c.wait_for(1, slots=2)
+    assert remote_parallel_map(abs, [-1, -2], cluster=c.address, spinner=False) == [1, 2]
 
 
-def test_executors_die_with_their_worker_even_mid_call():
-    with tempfile.TemporaryDirectory(prefix="burla-test-") as d:
-        c = Cluster(d)
-        client = None
-        try:
-            c.start_broker()
-            c.start_worker("w", 2)
-            c.wait_for(1)
-            executors = c.executor_pids("w")
-            client = subprocess.Popen([sys.executable, "-c", "import time; from burla import remote_parallel_map; "
-                                       f"remote_parallel_map(time.sleep, [60, 60], cluster={c.address!r})"])
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not all(w["busy"] for w in c.wait_for(1)["workers"]):
-                time.sleep(0.05)
-            os.kill(c.procs["w"].pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(psutil.pid_exists(p) and
-                                                      psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                                                      for p in executors):
-                time.sleep(0.05)
-            assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                           for p in executors)
-        finally:
-            if client is not None:
-                client.kill()
-                client.wait()
-            c.stop()
+def alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_executors_die_with_their_worker_even_mid_call(new_cluster):
+    c = new_cluster
+    c.start_worker("w", 2)
+    c.wait_for(1)
+    executors = c.executor_pids("w")
+    client = subprocess.Popen([sys.executable, "-c", "import time; from burla import remote_parallel_map; "
+                               f"remote_parallel_map(time.sleep, [60, 60], cluster={c.address!r})"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(w["busy"] for w in c.wait_for(1)["workers"]):
+            time.sleep(0.05)
+        os.kill(c.procs["w"].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(alive(p) for p in executors):
+            time.sleep(0.05)
+        assert not any(alive(p) for p in executors)
+    finally:
+        client.kill()
+        client.wait()

@@ -199,44 +199,33 @@ class Executor:
         if job in self.cancelled:  # told by signal before its CANCEL message came: free the slot, run nothing
             return self.reply({"j": job, "i": start, "o": 0, "k": 0, "f": 1}, [], [])
         options, isolate = header.get("o") or {}, header.get("x")
-        first = isolate or 0
         self.job = job
         sys.stdout, sys.stderr = self.streams  # again: a previous call may have replaced them
         try:
             function, payload = self.function(header, payload)
             inputs = serialize.unpack(header.get("z"), payload)
         except BaseException as e:
+            first = isolate or 0
             info = error_info(e, start + first, "<not loaded>", "loading the function or inputs")
             return self.reply({"j": job, "i": start, "o": first, "k": 0, "e": [info], "all": 1, "f": 1}, [], [e])
         if isolate is not None:
             return self.run_isolated(job, start, function, inputs, isolate, set(header.get("sk") or ()), options)
         one_by_one = options.get("r") or options.get("t")
-        k = first
+
+        def calls(done, k):
+            if one_by_one:  # retries or a timeout: each call on its own, its place in the WHERE record
+                for value in inputs[k:] if k else inputs:
+                    self.where(job, start, k + len(done), options.get("t"))
+                    done.append(self.call(function, value, options))
+            else:
+                # extend() keeps what map() produced before an exception: len(done) names the failing input
+                done.extend(map(function, inputs[k:] if k else inputs))
+
+        k = 0
         while k < len(inputs):
-            done, error = [], None
-            self.sink.start, self.sink.done = start + k, done
-            t0 = time.perf_counter()
-            self.calling = True
-            try:
-                if one_by_one:
-                    for value in inputs[k:] if k else inputs:
-                        self.where(job, start, k + len(done), options.get("t"))
-                        done.append(self.call(function, value, options))
-                else:
-                    # extend() keeps what map() produced before an exception: len(done) names the failing input
-                    done.extend(map(function, inputs[k:] if k else inputs))
-            except BaseException as e:
-                error = e
-            finally:
-                self.calling = False
-                if one_by_one:
-                    self.where(job, start, -1)
-            elapsed = time.perf_counter() - t0
-            self.sink.finish_lines()
+            done, error, elapsed, stop = self.calls(job, start, k, calls, options, one_by_one)
             end = k + len(done) + (error is not None)
-            stop = error is not None and (isinstance(error, Cancelled) or not options.get("c"))
-            last = stop or end >= len(inputs)
-            self.send_result(job, start, k, done, error, inputs, elapsed, last)
+            self.send_result(job, start, k, done, error, inputs, elapsed, stop or end >= len(inputs))
             k = end
             if stop:
                 break
@@ -247,24 +236,36 @@ class Executor:
         todo = [k for k in range(first, len(inputs)) if k not in skip]
         if not todo:
             return self.reply({"j": job, "i": start, "o": len(inputs), "k": 0, "f": 1}, [], [])
-        for k in todo:
-            done, error = [], None
-            self.sink.start, self.sink.done = start + k, done
+
+        def call(done, k):
             self.where(job, start, k, options.get("t"))
-            t0 = time.perf_counter()
-            self.calling = True
-            try:
-                done.append(self.call(function, inputs[k], options))
-            except BaseException as e:
-                error = e
-            finally:
-                self.calling = False
-                self.where(job, start, -1)
-            self.sink.finish_lines()
-            stop = error is not None and (isinstance(error, Cancelled) or not options.get("c"))
-            self.send_result(job, start, k, done, error, inputs, time.perf_counter() - t0, stop or k == todo[-1])
+            done.append(self.call(function, inputs[k], options))
+
+        for k in todo:
+            done, error, elapsed, stop = self.calls(job, start, k, call, options, tracked=True)
+            self.send_result(job, start, k, done, error, inputs, elapsed, stop or k == todo[-1])
             if stop:
                 return
+
+    def calls(self, job, start, k, run, options, tracked):
+        """Run run(done, k), which appends the results of inputs k, k+1, ... to done, with their output captured
+        and SIGUSR1 allowed to cancel them. Returns (done, the exception that stopped it, seconds, stop the batch?)."""
+        done, error = [], None
+        self.sink.start, self.sink.done = start + k, done
+        t0 = time.perf_counter()
+        self.calling = True
+        try:
+            run(done, k)
+        except BaseException as e:
+            error = e
+        finally:
+            self.calling = False
+            if tracked:
+                self.where(job, start, -1)
+        elapsed = time.perf_counter() - t0
+        self.sink.finish_lines()
+        stop = error is not None and (isinstance(error, Cancelled) or not options.get("c"))
+        return done, error, elapsed, stop
 
     def where(self, job, start, offset, timeout=None):
         if self.where_fd is not None:
@@ -273,8 +274,8 @@ class Executor:
 
     def call(self, function, value, options):
         """One call with the job's retries and per-call timeout."""
-        timeout = options.get("t")
-        for attempt in range(int(options.get("r") or 0) + 1):
+        timeout, retries = options.get("t"), int(options.get("r") or 0)
+        for attempt in range(retries + 1):
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
             try:
@@ -282,7 +283,7 @@ class Executor:
             except Cancelled:
                 raise
             except BaseException:
-                if attempt == int(options.get("r") or 0):
+                if attempt == retries:
                     raise
             finally:
                 if timeout:
@@ -298,8 +299,7 @@ class Executor:
             flags, packed = serialize.pack(done, self.compress)
         except Exception:
             k = next(k for k, v in enumerate(done) if not picklable(v))
-            bad = TypeError(f"the result of input {start + offset + k} could not be pickled: "
-                                 f"{_repr.repr(done[k])}")
+            bad = TypeError(f"the result of input {start + offset + k} could not be pickled: {_repr.repr(done[k])}")
             errors = [(error_info(bad, start + offset + k, inputs[offset + k]), bad)]
             done = done[:k]
             flags, packed = serialize.pack(done, self.compress)

@@ -30,7 +30,20 @@ class Slot:
         self.started = 0.0
         self.timed_out = False  # killed for running past a call's deadline
         self.where = tempfile.TemporaryFile()  # the executor's P.WHERE record, read when it dies
+        self.clear_where()
+
+    def read_where(self):
+        """(job id, batch start, offset or -1, deadline or 0) of the call the executor is running."""
+        return P.WHERE.unpack(os.pread(self.where.fileno(), P.WHERE.size, 0))
+
+    def clear_where(self):
         os.pwrite(self.where.fileno(), P.NOWHERE, 0)
+
+    def kill(self, signum):
+        try:
+            os.kill(self.pid, signum)
+        except (ProcessLookupError, TypeError):
+            pass
 
 
 def host_resources():
@@ -117,12 +130,12 @@ class Worker:
                 continue
             self.forget(slot)
             died = {"w": self.id, "s": f"{self.id}/{slot.index}", "code": code}
-            job, start, offset, _ = P.WHERE.unpack(os.pread(slot.where.fileno(), P.WHERE.size, 0))
+            job, start, offset, _ = slot.read_where()
             if offset >= 0:
                 died["at"] = {"j": job, "i": start, "o": offset}
             if slot.timed_out:
                 died["timeout"], slot.timed_out = 1, False
-            os.pwrite(slot.where.fileno(), P.NOWHERE, 0)
+            slot.clear_where()
             P.send(self.sock, P.SLOT_DIED, died)
             log.warning("executor %d exited with %s; restarting it", slot.index, code)
             if time.monotonic() - slot.started < 1.0:
@@ -133,13 +146,10 @@ class Worker:
         """Kill an executor whose call ran past its timeout without noticing (stuck in C code)."""
         now = time.monotonic()
         for slot in self.slots:
-            _, _, offset, deadline = P.WHERE.unpack(os.pread(slot.where.fileno(), P.WHERE.size, 0))
+            _, _, offset, deadline = slot.read_where()
             if offset >= 0 and 0 < deadline < now and not slot.timed_out:
                 slot.timed_out = True
-                try:
-                    os.kill(slot.pid, signal.SIGKILL)
-                except (ProcessLookupError, TypeError):
-                    pass
+                slot.kill(signal.SIGKILL)
 
     def forget(self, slot):
         if slot.control is not None:
@@ -158,10 +168,7 @@ class Worker:
     def stop_executors(self):
         for slot in self.slots:
             self.forget(slot)  # closing the control pipe asks the executor to exit
-            try:
-                os.kill(slot.pid, signal.SIGKILL)
-            except (ProcessLookupError, TypeError):
-                pass
+            slot.kill(signal.SIGKILL)
         for slot in self.slots:
             if slot.pid:
                 try:
@@ -228,14 +235,14 @@ class Worker:
         if prefix != self.id or not index.isdigit() or int(index) >= len(self.slots):
             return
         slot = self.slots[int(index)]
-        try:
-            if not hard:
-                if not (isinstance(job, bytes) and len(job) == 8) or slot.control is None:
-                    return
+        if not hard:
+            if not (isinstance(job, bytes) and len(job) == 8) or slot.control is None:
+                return
+            try:
                 os.write(slot.control, b"C" + job)
-            os.kill(slot.pid, signal.SIGKILL if hard else signal.SIGUSR1)
-        except (ProcessLookupError, TypeError, OSError):
-            pass
+            except OSError:
+                return
+        slot.kill(signal.SIGKILL if hard else signal.SIGUSR1)
 
     def rejoin(self):
         self.register()
