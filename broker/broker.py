@@ -8,6 +8,7 @@ that died, and drops the jobs of clients that went silent. It never runs user co
 import collections
 import logging
 import os
+import re
 import signal
 import socket as pysocket
 import time
@@ -22,6 +23,7 @@ PREFETCH = 2  # batches a slot may hold: one running, one waiting, so a slot nev
 MAX_ATTEMPTS = 3  # executor deaths while one input runs before that input fails with WorkerDiedError
 STOP_GRACE = 0.5  # seconds a cancelled call has to stop on SIGUSR1 before its executor is killed
 FUNCTION_CACHE = 32  # functions a slot keeps; the executor uses the same size and the same LRU order
+ENV_KEY = re.compile(r"[0-9a-f]{16}(-[0-9a-f]{12})?")
 
 
 class Batch:
@@ -39,7 +41,8 @@ class Batch:
 
 
 class Job:
-    def __init__(self, ident, header, function, owner):
+    def __init__(self, ident, header, payload, owner):
+        function = payload[0]
         self.id = field(header, "j", bytes)
         self.client = ident  # the client socket to send results to
         self.client_id = field(header, "c", bytes, b"")
@@ -49,7 +52,16 @@ class Job:
         self.ram = float(field(header, "ram", (int, float), 0))
         self.gpu = gpu_request(header.get("gpu"))
         self.par = field(header, "par", (int, type(None)))
-        self.options = field(header, "o", (dict, type(None))) or {}  # r: retries, t: timeout, c: go on after a failed call
+        # r: retries, t: timeout, c: go on after a failed call
+        self.options = field(header, "o", (dict, type(None))) or {}
+        self.env = field(header, "env", (dict, type(None)))  # see burla.env; None: each worker's own
+        self.env_key = None
+        if self.env is not None:
+            self.env_key = field(self.env, "k", str)
+            if not ENV_KEY.fullmatch(self.env_key):
+                raise P.ProtocolError("SUBMIT with a malformed environment key")
+        self.archive = payload[1] if len(payload) > 1 else None  # the job's local packages
+        self.image = field(header, "img", (str, type(None)))
         self.queue = collections.deque()
         self.slots = set()
         self.started = time.time()
@@ -75,12 +87,18 @@ class Worker:
         self.cpu = float(field(header, "cpu", (int, float), 1))
         self.ram = float(field(header, "ram", (int, float), 0))
         self.gpus = field(header, "gpu", list, [])
+        self.env = field(header, "env", (str, type(None)))  # the key of the worker's own environment
+        self.runtime = field(header, "ctr", (str, type(None)))  # container runtime, if it has one
         if not (0 < self.nslots <= 100_000 and self.cpu >= 0 and self.ram >= 0) or \
                 not all(isinstance(g, str) for g in self.gpus):
             raise P.ProtocolError("REGISTER with impossible resources")
         self.free_cpu, self.free_ram, self.free_gpus = self.cpu, self.ram, list(self.gpus)
         self.slots = set()
         self.last_seen = time.monotonic()
+
+    def target(self, job):
+        """The key of the environment the job's calls run in on this worker."""
+        return job.env_key or self.env
 
     def could_fit(self, job):
         return self.cpu >= job.cpu and self.ram >= job.ram and gpus_match(self.gpus, job.gpu)
@@ -104,8 +122,10 @@ class Worker:
 
 
 class Slot:
-    def __init__(self, ident, name, worker_id, pid):
+    def __init__(self, ident, name, worker_id, pid, env=None):
         self.ident, self.name, self.worker_id, self.pid = ident, name, worker_id, pid
+        self.env = env  # key of the environment its executor runs in
+        self.preparing = None  # key of the environment its worker is switching it to (it takes nothing meanwhile)
         self.job = None
         self.claim = None  # (cpu, ram, gpus) held on the worker while bound to a job
         self.inflight = collections.OrderedDict()  # (job id, start) -> (Job, Batch)
@@ -151,6 +171,7 @@ class Broker:
             P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_end,
             P.STATUS: self.on_status, P.RESULT: self.on_result, P.LOG: self.on_log, P.READY: self.on_ready,
             P.REGISTER: self.on_register, P.SLOT_DIED: self.on_slot_died, P.HEARTBEAT: self.on_heartbeat,
+            P.ENV: self.on_env,
         }
 
     # ---------------------------------------------------------------- loop
@@ -216,12 +237,18 @@ class Broker:
     def on_submit(self, ident, h, payload, role=None):
         if not payload:
             raise P.ProtocolError("SUBMIT without a function")
-        job = Job(ident, h, payload[0], role)
+        job = Job(ident, h, payload, role)
         if job.id in self.jobs:
             raise P.ProtocolError("SUBMIT of a job id already in use")
         self.clients[job.client_id] = time.monotonic()
         if self.workers and not any(w.could_fit(job) for w in self.workers.values()):
             self.send(ident, P.REJECTED, {"j": job.id, "e": self.no_fit_message(job)})
+            return
+        if job.image is not None and not any(w.runtime for w in self.workers.values()):
+            self.send(ident, P.REJECTED, {"j": job.id, "e": (
+                f"image={job.image!r} needs a worker that can run containers, and none of the "
+                f"{len(self.workers)} workers of this cluster has a container runtime (docker or podman) that "
+                "answers: start workers on hosts with one, or leave image=/dockerfile= out to use packages")})
             return
         self.jobs[job.id] = job
         self.order.append(job.id)
@@ -309,6 +336,7 @@ class Broker:
             "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots),
             "busy": sum(1 for s in w.slots if self.slots[s].job is not None),
             "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus,
+            "preparing": sum(1 for s in w.slots if self.slots[s].preparing),
         } for w in self.workers.values()]
         jobs = [{
             "id": j.id.hex(), "done": j.done, "submitted": j.sent, "queued": sum(b.n for b in j.queue),
@@ -348,7 +376,7 @@ class Broker:
             raise P.ProtocolError("READY for a slot of another worker")
         for old in {self.slots.get(ident), self.slots.get(self.slot_names.get(name))} - {None}:
             self.remove_slot(old, "restarted" if old.pid != h.get("pid") else "dropped its tasks")
-        slot = Slot(ident, name, worker_id, field(h, "pid", (int, type(None))))
+        slot = Slot(ident, name, worker_id, field(h, "pid", (int, type(None))), field(h, "env", (str, type(None))))
         slot.credit = min(max(field(h, "k", int, PREFETCH), 1), PREFETCH)
         self.slots[ident] = slot
         self.slot_names[name] = ident
@@ -473,7 +501,8 @@ class Broker:
                 self.order.popleft()
                 continue
             self.order.rotate(-1)
-            if job.queue and (not job.par or len(job.slots) < job.par) and worker.fits(job):
+            if job.queue and (not job.par or len(job.slots) < job.par) and worker.fits(job) and \
+                    slot.env == worker.target(job):
                 self.bind(slot, worker, job)
                 return job
         return None
@@ -495,13 +524,65 @@ class Broker:
                     job = None
                 if job is None:
                     worker = self.workers.get(slot.worker_id)
-                    if worker is None:
+                    if worker is None or slot.preparing:
                         continue
                     job = self.pick_job(slot, worker)
                 if job is None or not job.queue:
                     continue
                 self.send_task(slot, job, job.queue.popleft())
                 progress = True
+        self.prepare_slots()
+
+    def prepare_slots(self):
+        """Work is waiting and no free slot has its environment: ask workers to switch idle slots over (building
+        the environment first if they must). A slot whose environment another waiting job wants is left alone,
+        so two jobs with different environments do not keep taking each other's slots."""
+        waiting = [j for j in self.jobs.values() if j.queue and (not j.par or len(j.slots) < j.par)]
+        if not waiting:
+            return
+        idle = [s for s in self.slots.values() if s.job is None and not s.inflight and not s.preparing]
+        asks = {}  # (worker id, job id) -> slot names
+        for job in waiting:
+            want = min(len(job.queue), job.par - len(job.slots) if job.par else len(job.queue))
+            for slot in self.slots.values():  # already switching to it
+                worker = self.workers.get(slot.worker_id)
+                if slot.preparing and worker is not None and slot.preparing == worker.target(job):
+                    want -= 1
+            for slot in list(idle):
+                if want <= 0:
+                    break
+                worker = self.workers.get(slot.worker_id)
+                if worker is None or not worker.fits(job) or slot.env == worker.target(job) or \
+                        any(slot.env == worker.target(other) for other in waiting):
+                    continue
+                idle.remove(slot)
+                slot.preparing = worker.target(job)
+                asks.setdefault((worker.id, job.id), []).append(slot.name)
+                want -= 1
+        for (worker_id, job_id), names in asks.items():
+            job, worker = self.jobs[job_id], self.workers[worker_id]
+            spec = job.env if job.env is not None else {"k": worker.env, "own": 1}
+            self.send(worker.ident, P.PREPARE, {"s": names, "e": spec}, [job.archive] if job.archive else [])
+
+    def on_env(self, ident, h, payload, role=None):
+        """A worker's news about preparing an environment: pass it on to the jobs waiting for it; a failure ends
+        them with the installer's message."""
+        worker = self.worker_by_ident(ident, h)
+        if worker is None:
+            return
+        key, state = field(h, "k", str), field(h, "st", str)
+        for job in [j for j in self.jobs.values() if worker.target(j) == key]:
+            self.send(job.client, P.ENV, dict(h, j=job.id))
+            if state == "failed":
+                self.send(job.client, P.REJECTED, {"j": job.id, "t": "env", "e": (
+                    f"worker {worker.id} could not prepare the job's environment:\n{h.get('m')}")})
+                self.drop_job(job.id)
+        if state == "failed":
+            for name in worker.slots:
+                slot = self.slots.get(name)
+                if slot is not None and slot.preparing == key:
+                    slot.preparing = None
+            self.dirty = True
 
     def send_task(self, slot, job, batch):
         header = dict(batch.header, d=job.digest)

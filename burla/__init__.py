@@ -5,9 +5,11 @@
 """
 
 from burla.client import remote_parallel_map
-from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, NoCompatibleWorkerError,
+from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, EnvironmentBuildError,
+                          NoCompatibleWorkerError,
                           RemoteError, WorkerDiedError)
 
 __version__ = "0.1.0"
-__all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError", "NoCompatibleWorkerError",
+__all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError",
+           "EnvironmentBuildError", "NoCompatibleWorkerError",
            "RemoteError", "WorkerDiedError"]

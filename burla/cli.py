@@ -37,6 +37,10 @@ def main(argv=None):
     p.add_argument("--gpus", default="", help="GPUs to advertise: 'A100:4', '2' or 'A100,T4'")
     p.add_argument("--name", help="worker id (default: HOST-PID)")
     p.add_argument("--token", help="the broker's worker token, bw1-... (default: $BURLA_WORKER_TOKEN)")
+    p.add_argument("--env-cache", help="folder of the jobs' virtual environments, shared by the workers of a host "
+                                       "(default: $BURLA_ENV_CACHE or ~/.cache/burla/envs)")
+    p.add_argument("--env-cache-gb", type=float, default=20.0,
+                   help="evict the least recently used environments past this size (default %(default)s)")
     p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("login", help="save a cluster's address and API key in ~/.burla/config.toml")
@@ -66,7 +70,7 @@ def main(argv=None):
             except ValueError as e:
                 parser.error(f"--token: {e}")
         worker_main(args.broker, args.slots, args.cpu, args.ram, parse_gpus(args.gpus), args.name, args.parent_fd,
-                    token if args.broker.startswith("tcp://") else None)
+                    token if args.broker.startswith("tcp://") else None, args.env_cache, args.env_cache_gb)
     elif args.command == "login":
         from burla import config, security
 

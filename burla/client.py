@@ -19,7 +19,7 @@ import weakref
 
 import zmq
 
-from burla import config, errors, protocol as P, security, serialize
+from burla import config, env, errors, protocol as P, security, serialize
 from burla.progress import Progress
 
 TARGET_BATCH_SECONDS = 0.1
@@ -98,7 +98,8 @@ def connection(cluster=None, api_key=None):
 
 
 class Job:
-    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options):
+    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options, environment=None,
+                 image=None):
         try:
             function_bytes, digest = serialize.dumps_function(function_)
         except Exception as e:
@@ -121,8 +122,15 @@ class Job:
         self.heard = time.monotonic()
         header = {"j": self.id, "c": conn.client_id, "d": digest, "cpu": cpu, "ram": ram, "gpu": gpu,
                   "par": parallelism, "o": options}
+        payload = [function_bytes]
+        if environment is not None:
+            header["env"] = environment.header()
+            if environment.archive:
+                payload.append(environment.archive)
+        if image is not None:
+            header["img"] = image
         self.closed = False
-        self.send(P.SUBMIT, header, [function_bytes])
+        self.send(P.SUBMIT, header, payload)
 
     def send(self, command, header, payload=()):
         try:
@@ -217,7 +225,11 @@ class Job:
             write_lines(header["l"], self.progress)
         elif command in (P.ACCEPTED, P.HEARTBEAT):
             self.slots = header.get("s", self.slots)
+        elif command == P.ENV:
+            write_env_news(header, self.progress)
         elif command == P.REJECTED:
+            if header.get("t") == "env":
+                raise errors.EnvironmentBuildError(header["e"])
             raise errors.NoCompatibleWorkerError(header["e"])
         return ()
 
@@ -314,6 +326,20 @@ def write_lines(lines, progress):
         progress.refresh()
 
 
+def write_env_news(header, progress):
+    """A worker preparing the job's environment says what it is doing: show it (failures come as REJECTED)."""
+    if header.get("st") == "failed":
+        return
+    if progress:
+        progress.clear()
+    ready = "ready: " if header.get("st") == "ready" else ""
+    sys.stderr.write(f"burla: worker {header.get('w')}: environment {str(header.get('k'))[:8]}: {ready}"
+                     f"{header.get('m')} ({header.get('t', 0):.1f} s)\n")
+    sys.stderr.flush()
+    if progress:
+        progress.refresh()
+
+
 _FRAME_LINE = re.compile(r'^  File "(.+)", line (\d+), in ')
 
 
@@ -358,7 +384,8 @@ def remote_exception(info, frames):
 
 def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None,
                         generator=False, spinner=True, retries=0, timeout=None, return_exceptions=False,
-                        api_key=None, cluster=None, parallelism=None, verbose=None):
+                        packages=None, image=None, dockerfile=None, api_key=None, cluster=None, parallelism=None,
+                        verbose=None):
     """Call function_(x) for every x in inputs, in parallel on the cluster's workers.
 
     Returns the results as a list in input order, or with generator=True an iterator yielding them as they
@@ -370,6 +397,11 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     retries: run a call that raised up to this many more times. timeout: seconds a call may run before it is
     stopped and counts as failed (burla.CallTimeoutError). return_exceptions: failed inputs come back as their
     exception, in place, and the job goes on.
+    packages: by default the calls run in a copy of this Python environment (every installed package at its
+    version; workers build it once and cache it). A list of requirements ("pandas>=2", …) runs them with exactly
+    those instead, resolved by pip-compile; [] runs them in each worker's own environment.
+    image / dockerfile: run the calls in this container image (or one built from this Dockerfile) on workers with
+    a container runtime.
     cluster: "tcp://HOST:PORT", "local", or None for $BURLA_CLUSTER / ~/.burla/config.toml / the embedded cluster.
     """
     if not callable(function_):
@@ -396,9 +428,16 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
     options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
+    if image is not None and dockerfile is not None:
+        raise ValueError("give image= or dockerfile=, not both")
+    if dockerfile is not None:
+        image = dockerfile_image(dockerfile)
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise ValueError(f"image must be an image name like 'python:3.11-slim', not {image!r}")
+    environment = env.for_job(packages) if image is None else None  # an image brings its own packages
 
     job = Job(connection(cluster, api_key), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
-              options)
+              options, environment, image)
     if generator:
         job.fill()  # work starts now, not at the first next()
         results = (value for _, values in job.batches() for value in values)
@@ -411,6 +450,18 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
             results.extend([None] * (end - len(results)))
         results[start:end] = values
     return results
+
+
+def dockerfile_image(path):
+    """The image name a Dockerfile is built as: named by its content, so a changed file is a new image."""
+    import hashlib
+
+    try:
+        with open(os.fspath(path), "rb") as fh:
+            content = fh.read()
+    except (OSError, TypeError) as e:
+        raise ValueError(f"dockerfile must be the path of a Dockerfile: {e}") from None
+    return "burla-job:" + hashlib.sha256(content).hexdigest()[:16]
 
 
 def cluster_state(address, timeout=3.0, api_key=None):

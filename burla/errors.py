@@ -28,6 +28,10 @@ class NoCompatibleWorkerError(BurlaError):
     """No worker in the cluster could ever run the call's func_cpu / func_ram / func_gpu."""
 
 
+class EnvironmentBuildError(BurlaError):
+    """The job's Python environment could not be resolved or built; carries the installer's own message."""
+
+
 class ClusterConnectionError(BurlaError, ConnectionError):
     """The broker could not be reached, or stopped answering during a job."""
 

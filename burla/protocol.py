@@ -15,7 +15,9 @@ import zmq
 VERSION = b"B1"
 
 # client -> broker
-SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, cpu, ram, gpu, par, o: options}  payload: [function]
+SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, cpu, ram, gpu, par, o: options, env?: {k: key, lock,
+#                py: interpreter} (see burla.env; absent: each worker's own environment), img?: container image}
+#                payload: [function, local packages zip (when the env key has an archive digest)]
 # options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job}
 BATCH = b"B"  # {j, i, n, z: compressed flags}  payload: pickled inputs
 END = b"E"  # {j}: the client has every outcome; the broker forgets the job
@@ -23,18 +25,24 @@ CANCEL = b"C"  # {j}
 STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...]}
 # broker -> client
 ACCEPTED = b"A"  # {j, s: slots that fit the job}
-REJECTED = b"X"  # {j, e: message}
+REJECTED = b"X"  # {j, e: message, t?: "env" when the job's environment could not be built}
 RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [errors], f: 1 on a batch's last,
 #                 t: seconds computing, w: slot, z}  payload: results, then one pickled exception per error
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
 # worker (the supervisor of a host's executors) -> broker
-REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid}
+REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid, env: its own environment's key,
+#                  ctr: container runtime it can run images with, or None}
+ENV = b"V"  # {w, k: env key, st: "step" | "ready" | "failed", m: what is happening, t: seconds since it began}
+#             the broker passes it on to the clients of the jobs with that environment, adding j
 SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running,
 #                    timeout?: 1 when the worker killed it for running past the call's deadline}
 # broker -> worker
 KILL = b"K"  # {s: slot name, j: job, hard: 0 = interrupt that job's running call (SIGUSR1), 1 = kill the executor}
+PREPARE = b"P"  # {s: [slot names], e: the job's env header, or {k: the worker's own key, own: 1}}
+#                 payload: [local packages zip] if any. Find or build that environment, then restart those (idle)
+#                 slots' executors in it; they say READY with its key.
 # executor (one slot) <-> broker
-READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid}
+READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid, env: key of its environment}
 TASK = b"T"  # {j, i, n, d, z, f: function frame first, o: options, x: isolate from this offset, sk: offsets
 #               to skip (inputs that already failed by crashing executors)}
 #               payload: [function,] inputs
@@ -45,7 +53,7 @@ HEARTBEAT = b"H"
 
 # What each authenticated role may send: a worker cannot submit jobs, a client cannot post results or logs.
 CLIENT_COMMANDS = {SUBMIT, BATCH, END, CANCEL, STATUS, HEARTBEAT}
-WORKER_COMMANDS = {REGISTER, READY, RESULT, LOG, SLOT_DIED, HEARTBEAT}
+WORKER_COMMANDS = {REGISTER, READY, RESULT, LOG, SLOT_DIED, ENV, HEARTBEAT}
 
 HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead

@@ -86,8 +86,9 @@ class Capture(io.TextIOBase):
 
 
 class Executor:
-    def __init__(self, broker, worker_id, slot, control_fd=None, token=None, where_fd=None):
+    def __init__(self, broker, worker_id, slot, control_fd=None, token=None, where_fd=None, env=None):
         self.broker = broker
+        self.env = env  # the key of the environment this process runs in (see burla.env)
         self.worker_id = worker_id
         self.name = f"{worker_id}/{slot}"
         self.control_fd = control_fd  # from the worker: b"R" = say READY again; end of file = exit
@@ -168,7 +169,8 @@ class Executor:
             self.ready_unlocked()
 
     def ready_unlocked(self):
-        P.send(self.sock, P.READY, {"w": self.worker_id, "s": self.name, "k": PREFETCH, "pid": os.getpid()})
+        P.send(self.sock, P.READY, {"w": self.worker_id, "s": self.name, "k": PREFETCH, "pid": os.getpid(),
+                                    "env": self.env})
 
 
     def handle(self, command, header, payload):
@@ -374,6 +376,6 @@ def die_with_parent():
         os._exit(1)
 
 
-def main(broker, worker_id, slot, control_fd=None, token=None, where_fd=None):
+def main(broker, worker_id, slot, control_fd=None, token=None, where_fd=None, env=None):
     die_with_parent()
-    Executor(broker, worker_id, slot, control_fd, token, where_fd).run()
+    Executor(broker, worker_id, slot, control_fd, token, where_fd, env).run()

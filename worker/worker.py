@@ -5,17 +5,23 @@ heartbeats. It runs no user code itself, so a call that crashes takes down one s
 
 import logging
 import os
+import queue
+import shutil
 import signal
 import socket as pysocket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
 import zmq
 
+from burla import env as E
 from burla import protocol as P
 from burla import security
+from burla.errors import EnvironmentBuildError
 
 log = logging.getLogger("burla.worker")
 
@@ -30,6 +36,7 @@ class Slot:
         self.started = 0.0
         self.timed_out = False  # killed for running past a call's deadline
         self.where = tempfile.TemporaryFile()  # the executor's P.WHERE record, read when it dies
+        self.env = None  # the envs.Prepared environment its executor runs in; None: the worker's own
         self.clear_where()
 
     def read_where(self):
@@ -44,6 +51,18 @@ class Slot:
             os.kill(self.pid, signum)
         except (ProcessLookupError, TypeError):
             pass
+
+
+def container_runtime():
+    """"docker" or "podman" if one is installed and its engine answers, else None."""
+    for name in ("docker", "podman"):
+        if shutil.which(name):
+            try:
+                if subprocess.run([name, "info"], capture_output=True, timeout=5).returncode == 0:
+                    return name
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    return None
 
 
 def host_resources():
@@ -62,7 +81,8 @@ def host_resources():
 
 
 class Worker:
-    def __init__(self, broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None):
+    def __init__(self, broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None,
+                 env_cache=None, env_cache_gb=20.0):
         host_cpu, host_ram = host_resources()
         self.broker = broker
         self.nslots = slots or host_cpu
@@ -74,6 +94,13 @@ class Worker:
         self.parent_fd = parent_fd
         self.token = token  # the broker's worker token (CURVE over TCP); None on an ipc or insecure broker
         self.slots = [Slot(k) for k in range(self.nslots)]
+        self.env_cache, self.env_cache_gb, self.envs = env_cache, env_cache_gb, None  # envs.EnvCache, made on use
+        self.own_env = E.current().key
+        self.runtime = None  # a container runtime, found by a thread at start (asking docker takes a while)
+        self.prepared = {}  # env key -> envs.Prepared
+        self.building = {}  # env key -> slots to restart in it once it is ready
+        self.events = queue.SimpleQueue()  # from the threads that build environments
+        self.wake_read, self.wake_write = os.pipe()
 
     # ---------------------------------------------------------------- executors
     def start_slot(self, slot, fork):
@@ -89,7 +116,8 @@ class Worker:
                             os.close(other.control)
                     from burla.worker import executor
 
-                    executor.main(self.broker, self.id, slot.index, read, self.token, slot.where.fileno())
+                    executor.main(self.broker, self.id, slot.index, read, self.token, slot.where.fileno(),
+                                  self.own_env)
                 except BaseException:
                     traceback.print_exc()
                     code = 1
@@ -98,11 +126,20 @@ class Worker:
             slot.popen = None
         else:
             where = slot.where.fileno()
+            key = slot.env.key if slot.env else self.own_env
             code = ("import os; from burla.worker.executor import main; "
                     f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, "
-                    f"os.environ.pop('BURLA_WORKER_TOKEN', None), {where})")
-            env = dict(os.environ, BURLA_WORKER_TOKEN=self.token) if self.token else None  # not on a command line
-            slot.popen = __import__("subprocess").Popen([sys.executable, "-c", code], pass_fds=(read, where), env=env)
+                    f"os.environ.pop('BURLA_WORKER_TOKEN', None), {where}, {key!r})")
+            env = dict(os.environ)
+            if self.token:
+                env["BURLA_WORKER_TOKEN"] = self.token  # not on a command line
+            python = sys.executable
+            if slot.env is not None:  # the job's venv, with its local packages first
+                python = slot.env.python
+                env.pop("PYTHONPATH", None)
+                if slot.env.path:
+                    env["PYTHONPATH"] = slot.env.path
+            slot.popen = subprocess.Popen([python, "-c", code], pass_fds=(read, where), env=env)
             pid = slot.popen.pid
         os.close(read)
         slot.pid, slot.control, slot.started = pid, write, time.monotonic()
@@ -180,8 +217,102 @@ class Worker:
     def register(self):
         P.send(self.sock, P.REGISTER, {
             "w": self.id, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
-            "cpu": self.cpu, "ram": self.ram, "gpu": self.gpus,
+            "cpu": self.cpu, "ram": self.ram, "gpu": self.gpus, "env": self.own_env, "ctr": self.runtime,
         })
+
+    # ---------------------------------------------------------------- environments
+    def on_prepare(self, header, payload):
+        """Restart idle slots in a job's environment, building it first (in a thread) if need be."""
+        spec = header.get("e") if isinstance(header.get("e"), dict) else {}
+        key = spec.get("k")
+        slots = [s for s in map(self.slot_named, header.get("s") or ()) if s is not None]
+        if spec.get("own") or key == self.own_env or key == E.current().key:
+            self.own_env = E.current().key  # packages installed since the worker started count as its own
+            self.switch(slots, None)
+            return
+        if key in self.prepared and os.path.exists(self.prepared[key].python):  # (not evicted since)
+            self.switch(slots, self.prepared[key])
+            return
+        if key not in self.building:
+            self.building[key] = set()
+            archive = payload[0].bytes if payload else b""
+            threading.Thread(target=self.build, args=(spec, archive), daemon=True, name="burla-env").start()
+        self.building[key].update(slots)
+
+    def build(self, spec, archive):
+        """Thread: find or build an environment, saying each step to the main loop (which owns the socket)."""
+        from burla.worker import envs
+
+        key, started = spec.get("k"), time.monotonic()
+
+        def say(state, message):
+            self.tell_loop({"w": self.id, "k": key, "st": state, "m": message, "t": time.monotonic() - started})
+
+        try:
+            if self.envs is None:
+                self.envs = envs.EnvCache(self.env_cache, self.env_cache_gb)
+            prepared = self.envs.prepare(spec, archive, lambda text: say("step", text))
+            self.prepared[key] = prepared
+            say("ready", "found in the cache" if prepared.hit else "built")
+        except EnvironmentBuildError as e:
+            say("failed", str(e))
+        except Exception as e:  # a bug or an OS error: still the job's answer, not a silent hang
+            log.exception("preparing environment %s failed", key)
+            say("failed", f"{type(e).__name__}: {e}")
+
+    def tell_loop(self, event):
+        self.events.put(event)
+        os.write(self.wake_write, b".")
+
+    def find_runtime(self):
+        runtime = container_runtime()
+        if runtime:
+            self.tell_loop({"runtime": runtime})
+
+    def on_events(self):
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if "runtime" in event:
+                self.runtime = event["runtime"]
+                self.register()
+                continue
+            P.send(self.sock, P.ENV, event)
+            slots = self.building.pop(event["k"], ()) if event["st"] in ("ready", "failed") else ()
+            if event["st"] == "ready":
+                self.switch(slots, self.prepared[event["k"]])
+
+    def restart_slot(self, slot, prepared):
+        """Replace a slot's (idle) executor by one in another environment."""
+        slot.env = prepared
+        self.forget(slot)
+        slot.kill(signal.SIGKILL)
+        if slot.popen is not None:
+            slot.popen.wait()
+        elif slot.pid:
+            try:
+                os.waitpid(slot.pid, 0)
+            except ChildProcessError:
+                pass
+        slot.clear_where()
+        self.start_slot(slot, fork=False)
+
+    def switch(self, slots, prepared):
+        """Restart slots in an environment; then the cache may evict the ones no executor uses any more."""
+        for slot in slots:
+            self.restart_slot(slot, prepared)
+        if self.envs is not None:
+            used = {s.env.key.partition("-")[0] for s in self.slots if s.env is not None}
+            self.envs.use(used)
+            threading.Thread(target=self.envs.evict, args=(used,), daemon=True, name="burla-evict").start()
+
+    def slot_named(self, name):
+        prefix, _, index = str(name).rpartition("/")
+        if prefix != self.id or not index.isdigit() or int(index) >= len(self.slots):
+            return None
+        return self.slots[int(index)]
 
     def run(self):
         # Fork the first executors before this process has a ZeroMQ context (a context does not survive fork):
@@ -192,12 +323,14 @@ class Worker:
         self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
         self.sock.connect(self.broker)
         self.register()
+        threading.Thread(target=self.find_runtime, daemon=True, name="burla-runtime").start()
         heard = time.monotonic()
         next_beat = heard + P.HEARTBEAT_INTERVAL
         try:
             while True:
                 poller = zmq.Poller()
                 poller.register(self.sock, zmq.POLLIN)
+                poller.register(self.wake_read, zmq.POLLIN)
                 if self.parent_fd is not None:
                     poller.register(self.parent_fd, zmq.POLLIN)
                 pidfds = [s.pidfd for s in self.slots if s.pidfd is not None]
@@ -207,15 +340,20 @@ class Worker:
                 events = dict(poller.poll(timeout * 1000))
                 if self.parent_fd is not None and self.parent_fd in events:
                     return
+                if self.wake_read in events:
+                    os.read(self.wake_read, 4096)
+                    self.on_events()
                 self.kill_overdue()
                 self.reap()
                 while self.sock.poll(0):
-                    command, header, _ = P.recv(self.sock)
+                    command, header, payload = P.recv(self.sock)
                     heard = time.monotonic()
                     if command == P.RECONNECT:
                         self.rejoin()
                     elif command == P.KILL:
                         self.signal_slot(header.get("s"), header.get("j"), bool(header.get("hard")))
+                    elif command == P.PREPARE:
+                        self.on_prepare(header, payload)
                 now = time.monotonic()
                 if now - heard > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
                     log.warning("no word from the broker for %.1f s; registering again", now - heard)
@@ -231,10 +369,9 @@ class Worker:
     def signal_slot(self, name, job, hard):
         """Kill a slot's executor, or interrupt its call if (and only if) that call is the given job's: the job
         id goes down the control pipe first, and the executor's SIGUSR1 handler reads it."""
-        prefix, _, index = str(name).rpartition("/")
-        if prefix != self.id or not index.isdigit() or int(index) >= len(self.slots):
+        slot = self.slot_named(name)
+        if slot is None:
             return
-        slot = self.slots[int(index)]
         if not hard:
             if not (isinstance(job, bytes) and len(job) == 8) or slot.control is None:
                 return
@@ -249,7 +386,8 @@ class Worker:
         self.tell_executors(b"R")
 
 
-def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None):
+def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None, env_cache=None,
+         env_cache_gb=20.0):
     logging.basicConfig(level=logging.WARNING, format="burla worker: %(message)s")
 
     def terminate(*_):
@@ -257,7 +395,7 @@ def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=N
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, terminate)
-    worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd, token)
+    worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd, token, env_cache, env_cache_gb)
     try:
         worker.run()
     except KeyboardInterrupt:

@@ -1,0 +1,329 @@
+"""A worker's cache of job environments: one virtual environment per lock hash, built once and shared by the workers
+of a host, evicted least recently used past a size budget.
+
+The cache folder (`burla worker --env-cache`, default ~/.cache/burla/envs):
+  <lock hash>/          a venv, complete: it is built in a .build-* folder and renamed into place
+  <lock hash>.build     flock held while building, so two workers never build the same environment twice
+  <lock hash>.use       flock held shared by every worker running executors in it: eviction skips it
+  local-<digest>/       a job's locally installed packages, unzipped; on the executors' PYTHONPATH
+  runtime-<hash>/       burla and what its executors import, linked from the worker's own environment and added
+                        at the end of every job venv's path, so an executor starts whatever the lock pins
+
+A pin the worker's own environment already satisfies (same name, same version, from an index) is hard-linked from
+there instead of downloaded: a client and its workers usually share most of their packages.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+
+from burla import env as E
+from burla.errors import EnvironmentBuildError
+
+DONE = "burla-env.json"  # written last: a venv folder without it is not one
+RUNTIME_ROOTS = ["pyzmq", "cloudpickle", "msgpack", "blosc2"]  # what an executor imports, beside burla itself
+INSTALL_TIMEOUT = 30 * 60
+PROGRESS_WORDS = ("Collecting", "Downloading", "Building", "Installing", "Resolved", "Prepared", "Installed")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    key: str
+    python: str  # the interpreter to start executors with
+    path: str = ""  # PYTHONPATH: the job's local packages
+    hit: bool = False  # found in the cache rather than built
+
+
+def default_root():
+    return os.environ.get("BURLA_ENV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "burla", "envs")
+
+
+def site_packages(prefix):
+    return sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix})
+
+
+def installer(python):
+    """(tool name, command that installs the requirements files given after it into that interpreter) or None.
+    The job's venv has no pip of its own: uv, or the worker's pip, installs into it from outside."""
+    if E.uv():
+        return "uv", [E.uv(), "pip", "install", "--no-deps", "--python", python]
+    try:
+        import pip  # noqa: F401
+    except ImportError:
+        return None
+    return "pip", [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-input",
+                   "--progress-bar", "off", "--disable-pip-version-check"]
+
+
+@contextlib.contextmanager
+def flock(path, mode):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def link_tree(dist, site):
+    """Hard-link (or copy, across file systems) a distribution's files into another site-packages folder. Files
+    outside its own (scripts, data) are left out."""
+    for f in dist.files or ():
+        if f.parts and f.parts[0] == "..":
+            continue
+        src = dist.locate_file(f)
+        if not os.path.isfile(src):
+            continue
+        dst = os.path.join(site, *f.parts)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.link(src, dst)
+        except FileExistsError:
+            pass
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def folder_size(path):
+    total = 0
+    for folder, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(folder, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class EnvCache:
+    def __init__(self, root=None, budget_gb=20.0):
+        self.root = os.path.abspath(root or default_root())
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.budget = budget_gb * 1e9
+        self.own = E.installed()  # the worker's own distributions: what it can link instead of download
+        self.in_use = {}  # lock hash -> fd holding a shared flock
+
+    # ------------------------------------------------------------------------------------------ preparing
+    def prepare(self, header, archive, say):
+        """The environment a job's header names, built if need be. say(text) reports each step."""
+        key, lock, py = header.get("k"), header.get("lock"), header.get("py")
+        lock_hash, digest = E.parse_key(key)
+        if not isinstance(lock, str) or hashlib.sha256(f"{py}\n{lock}".encode()).hexdigest()[:16] != lock_hash:
+            raise EnvironmentBuildError("the job's environment key does not match its lock")
+        if py != E.interpreter():
+            raise EnvironmentBuildError(
+                f"the job's packages were pinned for {py}, and this worker runs {E.interpreter()}: run the client "
+                "on the same Python version and platform as the workers")
+        venv = os.path.join(self.root, lock_hash)
+        hit = os.path.exists(os.path.join(venv, DONE))
+        if not hit:
+            with flock(venv + ".build", fcntl.LOCK_EX):
+                if os.path.exists(os.path.join(venv, DONE)):
+                    say("built by another worker on this host")
+                else:
+                    self.build(venv, lock, say)
+        os.utime(os.path.join(venv, DONE))  # least recently used goes first
+        path = self.unpack(digest, archive) if digest else ""
+        return Prepared(key, os.path.join(venv, "bin", "python"), path, hit)
+
+    def build(self, venv, lock, say):
+        started = time.monotonic()
+        pins = [line for line in lock.splitlines() if line.strip()]
+        shared, fetch = [], []
+        for line in pins:
+            name, _, version = line.partition("==")
+            own = self.own.get(E.normalize(name))
+            if version and own and own[0] == version and E.origin(own[1]) is None and own[1].files:
+                shared.append(own[1])
+            else:
+                fetch.append(line)
+        runtime = self.runtime()
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=self.root)
+        try:
+            say(f"creating a virtual environment for {len(pins)} packages")
+            run([sys.executable, "-m", "venv", "--without-pip", tmp], "creating the virtual environment")
+            site = site_packages(tmp)
+            if fetch:
+                self.install(tmp, fetch, say)
+            if shared:
+                say(f"linking {len(shared)} packages from the worker's own environment")
+                for dist in shared:
+                    link_tree(dist, site)
+            with open(os.path.join(site, "_burla_runtime.pth"), "w") as fh:
+                fh.write(f"import site; site.addsitedir({runtime!r})\n")  # last on the path: the lock's come first
+            fix_scripts(tmp, venv)
+            seconds = time.monotonic() - started
+            with open(os.path.join(tmp, DONE), "w") as fh:
+                json.dump({"lock": lock, "seconds": round(seconds, 3), "size": folder_size(tmp)}, fh)
+            os.rename(tmp, venv)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def install(self, prefix, requirements, say):
+        found = installer(os.path.join(prefix, "bin", "python"))
+        if found is None:
+            raise EnvironmentBuildError("this worker has neither uv nor pip to install packages with")
+        tool, command = found
+        say(f"installing {len(requirements)} package{'s' if len(requirements) > 1 else ''} with {tool}: "
+            + ", ".join(requirements[:5]) + (" …" if len(requirements) > 5 else ""))
+        listing = os.path.join(prefix, "burla-requirements.txt")
+        with open(listing, "w") as fh:
+            fh.write("\n".join(requirements) + "\n")
+        proc = subprocess.Popen([*command, *E.index_args(), "-r", listing], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        watchdog = threading.Timer(INSTALL_TIMEOUT, proc.kill)  # a hung installer must not hang the job
+        watchdog.start()
+        output, said = [], 0.0
+        try:
+            for line in proc.stdout:  # pass on what the installer is at, at most twice a second
+                output.append(line)
+                if time.monotonic() - said >= 0.5 and line.lstrip().startswith(PROGRESS_WORDS):
+                    say(line.strip()[:200])
+                    said = time.monotonic()
+        finally:
+            watchdog.cancel()
+        if proc.wait() == -9:
+            raise EnvironmentBuildError(f"{tool} took over {INSTALL_TIMEOUT // 60} minutes and was stopped")
+        if proc.returncode != 0:
+            raise EnvironmentBuildError(f"{tool} could not install the job's packages:\n"
+                                        f"{E.installer_message(''.join(output))}")
+
+    def runtime(self):
+        """A folder with burla and the packages its executors import, linked from the worker's environment."""
+        dists, todo = {}, ["burla", *RUNTIME_ROOTS]
+        while todo:
+            name = E.normalize(todo.pop())
+            if name in dists or name not in self.own:
+                continue
+            dists[name] = self.own[name]
+            todo.extend(requirement_names(self.own[name][1]))
+        stamp = "".join(f"{n}=={v} {d._path}\n" for n, (v, d) in sorted(dists.items()))
+        folder = os.path.join(self.root, "runtime-" + hashlib.sha256(stamp.encode()).hexdigest()[:16])
+        if not os.path.isdir(folder):
+            with flock(folder + ".build", fcntl.LOCK_EX):
+                if not os.path.isdir(folder):
+                    tmp = tempfile.mkdtemp(prefix=".build-", dir=self.root)
+                    for _, dist in dists.values():
+                        link_tree(dist, tmp)
+                    os.rename(tmp, folder)
+        return folder
+
+    def unpack(self, digest, archive):
+        folder = os.path.join(self.root, "local-" + digest)
+        if not os.path.isdir(folder):
+            if not archive or hashlib.sha256(archive).hexdigest()[:12] != digest:
+                raise EnvironmentBuildError("the job's local packages did not arrive intact")
+            tmp = tempfile.mkdtemp(prefix=".build-", dir=self.root)
+            with zipfile.ZipFile(io.BytesIO(archive)) as z:
+                for member in z.namelist():  # never outside the folder
+                    if member.startswith("/") or ".." in member.split("/"):
+                        raise EnvironmentBuildError(f"bad path in the job's local packages: {member}")
+                z.extractall(tmp)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another worker got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        os.utime(folder)
+        return folder
+
+    # ------------------------------------------------------------------------------------------ use and eviction
+    def use(self, lock_hashes):
+        """Hold a shared lock on each environment executors of this worker run in, and only those."""
+        for h in set(self.in_use) - set(lock_hashes):
+            os.close(self.in_use.pop(h))
+        for h in set(lock_hashes) - set(self.in_use):
+            fd = os.open(os.path.join(self.root, h + ".use"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self.in_use[h] = fd
+
+    def entries(self):
+        """(last used, size, lock hash) of each complete environment."""
+        found = []
+        for name in os.listdir(self.root):
+            done = os.path.join(self.root, name, DONE)
+            try:
+                with open(done) as fh:
+                    size = json.load(fh).get("size", 0)
+                found.append((os.stat(done).st_mtime, size, name))
+            except (OSError, ValueError):
+                continue
+        return sorted(found)
+
+    def evict(self, keep=()):
+        """Delete the least recently used environments until the cache fits its budget; never one in use (the
+        worker calls this after its slots switch environments, so the one they left can go)."""
+        with flock(os.path.join(self.root, "evict.lock"), fcntl.LOCK_EX):
+            self.evict_locked(keep)
+
+    def evict_locked(self, keep):
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, name in entries:
+            if total <= self.budget:
+                break
+            if name in keep:
+                continue
+            fd = os.open(os.path.join(self.root, name + ".use"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # some worker's executors run in it
+            try:
+                trash = tempfile.mkdtemp(prefix=".evicted-", dir=self.root)
+                os.rename(os.path.join(self.root, name), os.path.join(trash, name))
+                shutil.rmtree(trash, ignore_errors=True)
+                total -= size
+            finally:
+                os.close(fd)
+
+
+def requirement_names(dist):
+    """Names of what a distribution requires, leaving out extras and other platforms."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names = []
+    for text in dist.requires or ():
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            names.append(req.name)
+    return names
+
+
+def fix_scripts(tmp, final):
+    """Scripts the installer wrote name their interpreter by the temporary path: point them at the final one."""
+    bin_dir = os.path.join(tmp, "bin")
+    old, new = f"#!{tmp}/".encode(), f"#!{final}/".encode()
+    for name in os.listdir(bin_dir):
+        path = os.path.join(bin_dir, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        with open(path, "rb") as fh:
+            head = fh.read(len(old))
+            if head != old:
+                continue
+            rest = fh.read()
+        with open(path, "wb") as fh:
+            fh.write(new + rest)
+
+
+def run(command, what):
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    if done.returncode != 0:
+        raise EnvironmentBuildError(f"{what} failed:\n{E.installer_message(done.stdout)}")
