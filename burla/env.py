@@ -248,7 +248,12 @@ def index_args():
 
 
 def uv():
-    return shutil.which("uv")
+    """uv's path if it is to be used: where installed (on PATH or beside this interpreter), unless
+    BURLA_INSTALLER=pip says otherwise."""
+    if os.environ.get("BURLA_INSTALLER", "").lower() == "pip":
+        return None
+    beside = os.path.join(os.path.dirname(sys.executable), "uv")
+    return shutil.which("uv") or (beside if os.access(beside, os.X_OK) else None)
 
 
 _resolved = {}
@@ -295,7 +300,8 @@ def installer_message(output, tail=20):
     """The part of pip's, pip-compile's or uv's output that says what went wrong: its error lines (not the
     traceback pip-compile adds), else its last lines."""
     lines = [line.rstrip() for line in output.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.lstrip().lower().startswith(("error", "×", "╰─▶", "because"))]
+    errors = [line for line in lines
+              if line.lstrip().lower().startswith(("error", "cause:", "hint:", "help:", "×", "╰─▶", "because"))]
     return "\n".join(errors or lines[-tail:])
 
 

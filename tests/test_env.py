@@ -66,9 +66,10 @@ class House:
                         "PIP_INDEX_URL": "", "PIP_EXTRA_INDEX_URL": ""}
         self.script = root / "client.py"
 
-    def run(self, address, packages=None, sleep=0.0, site=None, timeout=90):
+    def run(self, address, packages=None, sleep=0.0, site=None, timeout=90, installer="pip"):
         self.script.write_text(CLIENT.replace("SLEEP", repr(sleep)))
-        env = dict(os.environ, **self.pip_env, PYTHONPATH=":".join(map(str, site or [self.site])))
+        env = dict(os.environ, **self.pip_env, PYTHONPATH=":".join(map(str, site or [self.site])),
+                   BURLA_INSTALLER=installer)
         return subprocess.run([sys.executable, str(self.script), address, json.dumps(packages)],
                               capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -79,10 +80,10 @@ def house(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def env_cluster(house, cache, workers=(("w1", 2),), budget=None):
+def env_cluster(house, cache, workers=(("w1", 2),), budget=None, installer="pip"):
     """A broker and workers that share one environment cache and install from the wheelhouse."""
     with broker_only() as c:
-        c.env.update(house.pip_env)
+        c.env.update(house.pip_env, BURLA_INSTALLER=installer)
         extra = ["--env-cache", str(cache)] + (["--env-cache-gb", str(budget)] if budget is not None else [])
         for name, slots in workers:
             c.start_worker(name, slots, *extra)
@@ -99,14 +100,18 @@ def venvs(cache):
     return sorted(p.name for p in cache.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name))
 
 
-def test_client_environment_is_built_once_then_cached(house, tmp_path):
+INSTALLERS = ["pip"] + (["uv"] if E.uv() else [])  # uv comes with the test extras; where it is, both are tested
+
+
+@pytest.mark.parametrize("installer", INSTALLERS)
+def test_client_environment_is_built_once_then_cached(house, tmp_path, installer):
     cache = tmp_path / "cache"
-    with env_cluster(house, cache) as c:
-        first = house.run(c.address)
+    with env_cluster(house, cache, installer=installer) as c:
+        first = house.run(c.address, installer=installer)
         results = outputs(first)
         assert all(found == EVERYTHING for found, _, _ in results)  # the worker alone has none of them
         assert all(prefix.startswith(str(cache)) for _, prefix, _ in results)
-        assert "installing 2 packages with pip: burlatest-a==1.0, burlatest-b==2.0" in first.stderr
+        assert f"installing 2 packages with {installer}: burlatest-a==1.0, burlatest-b==2.0" in first.stderr
         assert re.search(r"worker w1: environment [0-9a-f]{8}: ready: built \([\d.]+ s\)", first.stderr)
         assert [p.name for p in cache.iterdir() if p.name.startswith(".build-")] == []
         assert len(venvs(cache)) == 1 and len(list(cache.glob("local-*"))) == 1
@@ -157,22 +162,29 @@ def test_two_workers_build_the_same_environment_once(house, tmp_path):
         assert len(venvs(cache)) == 1
 
 
-def test_bad_requirements_fail_with_the_installers_message(house, tmp_path):
+NOT_FOUND = r"(No matching distribution found for|Could not find a version that satisfies the requirement|" \
+            r"Because) {}.*(\n.*not found in the provided package locations)?"
+
+
+@pytest.mark.parametrize("installer", INSTALLERS)
+def test_bad_requirements_fail_with_the_installers_message(house, tmp_path, installer):
     cache = tmp_path / "cache"
-    with env_cluster(house, cache) as c:
-        unknown = house.run(c.address, packages=["burlatest-nosuch==1.0"])  # resolving fails on the client
+    with env_cluster(house, cache, installer=installer) as c:
+        # resolving fails on the client, before anything runs
+        unknown = house.run(c.address, packages=["burlatest-nosuch==1.0"], installer=installer)
         assert unknown.returncode != 0 and "call " not in unknown.stdout
         assert "EnvironmentBuildError: could not resolve packages=['burlatest-nosuch==1.0']" in unknown.stderr
-        assert re.search(r"(No matching distribution|Could not find a version).*burlatest-nosuch", unknown.stderr)
+        assert re.search(NOT_FOUND.format("burlatest-nosuch"), unknown.stderr), unknown.stderr
 
-        # installed on the client, on no index the worker can reach: the worker's pip fails, the job ends
-        missing = house.run(c.address, site=[house.site, house.bad_site])
+        # installed on the client, on no index the worker can reach: the worker's installer fails, the job ends
+        missing = house.run(c.address, site=[house.site, house.bad_site], installer=installer)
         assert missing.returncode != 0 and "call " not in missing.stdout
         assert "EnvironmentBuildError: worker w1 could not prepare the job's environment" in missing.stderr
-        assert re.search(r"No matching distribution found for burlatest-c==1\.0", missing.stderr)
+        assert f"{installer} could not install the job's packages" in missing.stderr
+        assert re.search(NOT_FOUND.format("burlatest-c"), missing.stderr), missing.stderr
         assert [p.name for p in cache.iterdir() if p.name.startswith(".build-")] == []
 
-        assert all(found == EVERYTHING for found, _, _ in outputs(house.run(c.address)))  # the cluster goes on
+        assert all(found == EVERYTHING for found, _, _ in outputs(house.run(c.address, installer=installer)))
 
 
 def test_image_needs_a_container_runtime(cluster):
