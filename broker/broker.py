@@ -23,7 +23,7 @@ PREFETCH = 2  # batches a slot may hold: one running, one waiting, so a slot nev
 MAX_ATTEMPTS = 3  # executor deaths while one input runs before that input fails with WorkerDiedError
 STOP_GRACE = 0.5  # seconds a cancelled call has to stop on SIGUSR1 before its executor is killed
 FUNCTION_CACHE = 32  # functions a slot keeps; the executor uses the same size and the same LRU order
-ENV_KEY = re.compile(r"[0-9a-f]{16}(-[0-9a-f]{12})?")
+ENV_KEY = re.compile(r"[0-9a-f]{16}(-[0-9a-f]{12})?|img-[0-9a-f]{16}")
 
 
 class Batch:
@@ -61,7 +61,7 @@ class Job:
             if not ENV_KEY.fullmatch(self.env_key):
                 raise P.ProtocolError("SUBMIT with a malformed environment key")
         self.archive = payload[1] if len(payload) > 1 else None  # the job's local packages
-        self.image = field(header, "img", (str, type(None)))
+        self.image = field(self.env, "img", (str, type(None))) if self.env is not None else None
         self.queue = collections.deque()
         self.slots = set()
         self.started = time.time()
@@ -88,7 +88,7 @@ class Worker:
         self.ram = float(field(header, "ram", (int, float), 0))
         self.gpus = field(header, "gpu", list, [])
         self.env = field(header, "env", (str, type(None)))  # the key of the worker's own environment
-        self.runtime = field(header, "ctr", (str, type(None)))  # container runtime, if it has one
+        self.runtime = field(header, "ctr", (str, type(None)))  # container runtime: None, "?" (not known yet), name
         if not (0 < self.nslots <= 100_000 and self.cpu >= 0 and self.ram >= 0) or \
                 not all(isinstance(g, str) for g in self.gpus):
             raise P.ProtocolError("REGISTER with impossible resources")
@@ -101,9 +101,13 @@ class Worker:
         return job.env_key or self.env
 
     def could_fit(self, job):
+        if job.image is not None and not self.runtime:  # ("?": it may, once it knows)
+            return False
         return self.cpu >= job.cpu and self.ram >= job.ram and gpus_match(self.gpus, job.gpu)
 
     def fits(self, job):
+        if job.image is not None and self.runtime in (None, "?"):
+            return False
         return self.free_cpu >= job.cpu and self.free_ram >= job.ram and gpus_match(self.free_gpus, job.gpu)
 
     def take(self, claim):
@@ -244,17 +248,15 @@ class Broker:
         if self.workers and not any(w.could_fit(job) for w in self.workers.values()):
             self.send(ident, P.REJECTED, {"j": job.id, "e": self.no_fit_message(job)})
             return
-        if job.image is not None and not any(w.runtime for w in self.workers.values()):
-            self.send(ident, P.REJECTED, {"j": job.id, "e": (
-                f"image={job.image!r} needs a worker that can run containers, and none of the "
-                f"{len(self.workers)} workers of this cluster has a container runtime (docker or podman) that "
-                "answers: start workers on hosts with one, or leave image=/dockerfile= out to use packages")})
-            return
         self.jobs[job.id] = job
         self.order.append(job.id)
         self.send(ident, P.ACCEPTED, {"j": job.id, "s": self.fitting_slots(job)})
 
     def no_fit_message(self, job):
+        if job.image is not None and not any(w.runtime for w in self.workers.values()):
+            return (f"image={job.image!r} needs a worker that can run containers, and none of the "
+                    f"{len(self.workers)} workers of this cluster has a container runtime (docker or podman) that "
+                    "answers: start workers on hosts with one, or leave image=/dockerfile= out to use packages")
         kind, count = job.gpu
         want = f"func_cpu={job.cpu:g}, func_ram={job.ram:g}" + (f", func_gpu={kind or ''}:{count}" if count else "")
         have = "; ".join(
@@ -336,7 +338,7 @@ class Broker:
             "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots),
             "busy": sum(1 for s in w.slots if self.slots[s].job is not None),
             "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus,
-            "preparing": sum(1 for s in w.slots if self.slots[s].preparing),
+            "preparing": sum(1 for s in w.slots if self.slots[s].preparing), "containers": w.runtime,
         } for w in self.workers.values()]
         jobs = [{
             "id": j.id.hex(), "done": j.done, "submitted": j.sent, "queued": sum(b.n for b in j.queue),

@@ -41,6 +41,9 @@ def main(argv=None):
                                        "(default: $BURLA_ENV_CACHE or ~/.cache/burla/envs)")
     p.add_argument("--env-cache-gb", type=float, default=20.0,
                    help="evict the least recently used environments past this size (default %(default)s)")
+    p.add_argument("--containers", choices=["auto", "none", "docker", "podman"], default="auto",
+                   help="container runtime for jobs with image= or dockerfile= (default: docker or podman, if one "
+                        "answers)")
     p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("login", help="save a cluster's address and API key in ~/.burla/config.toml")
@@ -70,7 +73,8 @@ def main(argv=None):
             except ValueError as e:
                 parser.error(f"--token: {e}")
         worker_main(args.broker, args.slots, args.cpu, args.ram, parse_gpus(args.gpus), args.name, args.parent_fd,
-                    token if args.broker.startswith("tcp://") else None, args.env_cache, args.env_cache_gb)
+                    token if args.broker.startswith("tcp://") else None, args.env_cache, args.env_cache_gb,
+                    args.containers)
     elif args.command == "login":
         from burla import config, security
 

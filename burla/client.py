@@ -98,8 +98,7 @@ def connection(cluster=None, api_key=None):
 
 
 class Job:
-    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options, environment=None,
-                 image=None):
+    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options, environment=None):
         try:
             function_bytes, digest = serialize.dumps_function(function_)
         except Exception as e:
@@ -127,8 +126,6 @@ class Job:
             header["env"] = environment.header()
             if environment.archive:
                 payload.append(environment.archive)
-        if image is not None:
-            header["img"] = image
         self.closed = False
         self.send(P.SUBMIT, header, payload)
 
@@ -428,16 +425,15 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
     options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
-    if image is not None and dockerfile is not None:
-        raise ValueError("give image= or dockerfile=, not both")
-    if dockerfile is not None:
-        image = dockerfile_image(dockerfile)
-    if image is not None and (not isinstance(image, str) or not image.strip()):
-        raise ValueError(f"image must be an image name like 'python:3.11-slim', not {image!r}")
-    environment = env.for_job(packages) if image is None else None  # an image brings its own packages
+    if image is not None or dockerfile is not None:
+        if packages is not None:
+            raise ValueError("an image brings its own packages: give packages= or image=/dockerfile=, not both")
+        environment = env.image(image, dockerfile)
+    else:
+        environment = env.for_job(packages)
 
     job = Job(connection(cluster, api_key), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
-              options, environment, image)
+              options, environment)
     if generator:
         job.fill()  # work starts now, not at the first next()
         results = (value for _, values in job.batches() for value in values)
@@ -450,18 +446,6 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
             results.extend([None] * (end - len(results)))
         results[start:end] = values
     return results
-
-
-def dockerfile_image(path):
-    """The image name a Dockerfile is built as: named by its content, so a changed file is a new image."""
-    import hashlib
-
-    try:
-        with open(os.fspath(path), "rb") as fh:
-            content = fh.read()
-    except (OSError, TypeError) as e:
-        raise ValueError(f"dockerfile must be the path of a Dockerfile: {e}") from None
-    return "burla-job:" + hashlib.sha256(content).hexdigest()[:16]
 
 
 def cluster_state(address, timeout=3.0, api_key=None):

@@ -39,13 +39,32 @@ class Environment:
     lock: str  # one requirement per line
     interpreter: str  # e.g. "cpython-311-linux-x86_64": a lock is only valid for that
     archive: bytes = b""  # zip of the local packages' import trees, extracted onto the worker's sys.path
-
-    @property
-    def lock_hash(self):
-        return self.key.partition("-")[0]
+    image: str = ""  # or: a container image the calls run in ("img-" keys)
+    dockerfile: str = ""  # what the image is built from, if given
 
     def header(self):
+        if self.image:
+            return {"k": self.key, "img": self.image, **({"df": self.dockerfile} if self.dockerfile else {})}
         return {"k": self.key, "lock": self.lock, "py": self.interpreter}
+
+
+def image(name=None, dockerfile=None):
+    """The Environment of a container image: one by name, or one built from a Dockerfile (named by its content,
+    so a changed file is a new image)."""
+    if name is not None and dockerfile is not None:
+        raise ValueError("give image= or dockerfile=, not both")
+    text = ""
+    if dockerfile is not None:
+        try:
+            with open(os.fspath(dockerfile)) as fh:
+                text = fh.read()
+        except (OSError, TypeError) as e:
+            raise ValueError(f"dockerfile must be the path of a Dockerfile: {e}") from None
+        name = "localhost/burla-job:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+        raise ValueError(f"image must be an image name like 'python:3.11-slim', not {name!r}")
+    key = "img-" + hashlib.sha256(f"{name}\n{text}".encode()).hexdigest()[:16]
+    return Environment(key, "", interpreter(), image=name, dockerfile=text)
 
 
 def interpreter():

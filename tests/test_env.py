@@ -15,8 +15,6 @@ import wheels
 from conftest import broker_only
 
 from burla import env as E
-from burla import remote_parallel_map
-from burla.errors import NoCompatibleWorkerError
 
 CLIENT = """
 import json, os, sys, time
@@ -185,13 +183,6 @@ def test_bad_requirements_fail_with_the_installers_message(house, tmp_path, inst
         assert [p.name for p in cache.iterdir() if p.name.startswith(".build-")] == []
 
         assert all(found == EVERYTHING for found, _, _ in outputs(house.run(c.address, installer=installer)))
-
-
-def test_image_needs_a_container_runtime(cluster):
-    with pytest.raises(NoCompatibleWorkerError, match="container runtime"):
-        remote_parallel_map(print, [1], image="python:3.11-slim", cluster=cluster.address, spinner=False)
-    with pytest.raises(ValueError, match="path of a Dockerfile"):
-        remote_parallel_map(print, [1], dockerfile="/no/such/Dockerfile", cluster=cluster.address, spinner=False)
 
 
 def test_lock_pins_exact_versions_and_ships_local_packages(house):

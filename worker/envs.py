@@ -44,6 +44,8 @@ class Prepared:
     python: str  # the interpreter to start executors with
     path: str = ""  # PYTHONPATH: the job's local packages
     hit: bool = False  # found in the cache rather than built
+    image: str = ""  # a container image the executors run in (python is then the image's)
+    runtime: str = ""  # with an image: the folder of burla and its packages, mounted into the container
 
 
 def default_root():
@@ -137,6 +139,30 @@ class EnvCache:
         os.utime(os.path.join(venv, DONE))  # least recently used goes first
         path = self.unpack(digest, archive) if digest else ""
         return Prepared(key, os.path.join(venv, "bin", "python"), path, hit)
+
+    def prepare_image(self, header, tool, say):
+        """A container image for a job: pulled, or built from its Dockerfile, once; its Python must be the
+        worker's, since burla and the packages it runs on are mounted into it from the worker's environment."""
+        name, dockerfile = header.get("img"), header.get("df")
+        if not isinstance(name, str) or not name:
+            raise EnvironmentBuildError("the job names no image")
+        hit = subprocess.run([tool, "image", "inspect", name], capture_output=True, timeout=60).returncode == 0
+        if not hit and dockerfile:
+            say(f"building image {name} from the job's Dockerfile with {tool}")
+            with tempfile.TemporaryDirectory(prefix="burla-context-") as context:
+                run([tool, "build", "-t", name, "-f", "-", context], f"{tool} build", stdin=dockerfile,
+                    timeout=INSTALL_TIMEOUT)
+        elif not hit:
+            say(f"pulling image {name} with {tool}")
+            run([tool, "pull", name], f"{tool} pull", timeout=INSTALL_TIMEOUT)
+        probe = "import sys; print(sys.implementation.cache_tag)"
+        found = run([tool, "run", "--rm", "--network", "none", name, "python3", "-c", probe],
+                    f"running python3 in image {name}").strip()
+        if found != sys.implementation.cache_tag:
+            raise EnvironmentBuildError(
+                f"image {name} has Python {found or '(none)'}, and this worker runs "
+                f"{sys.implementation.cache_tag}: use an image with the same Python as the workers")
+        return Prepared(header["k"], "python3", hit=hit, image=name, runtime=self.runtime())
 
     def build(self, venv, lock, say):
         started = time.monotonic()
@@ -323,7 +349,13 @@ def fix_scripts(tmp, final):
             fh.write(new + rest)
 
 
-def run(command, what):
-    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+def run(command, what, stdin=None, timeout=300):
+    """Run a command; its output, or EnvironmentBuildError with the end of its output."""
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                              input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise EnvironmentBuildError(f"{what} took over {timeout} s and was stopped") from None
     if done.returncode != 0:
         raise EnvironmentBuildError(f"{what} failed:\n{E.installer_message(done.stdout)}")
+    return done.stdout

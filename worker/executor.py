@@ -103,6 +103,7 @@ class Executor:
         self.calling = False  # in a user call: only then may SIGUSR1 raise Cancelled
         self.cancelled = collections.deque(maxlen=64)  # ids of jobs cancelled lately
         self.control_buffer, self.reready = b"", False
+        self.worker_pidfd = None  # in a container: readable once the worker has exited
 
     def run(self):
         self.ctx = zmq.Context()
@@ -119,11 +120,15 @@ class Executor:
         poller.register(self.sock, zmq.POLLIN)
         if self.control_fd is not None:
             poller.register(self.control_fd, zmq.POLLIN)
+        if self.worker_pidfd is not None:
+            poller.register(self.worker_pidfd, zmq.POLLIN)
         while True:
             if not self.tasks:
                 events = dict(poller.poll(1000))
                 if self.control_fd in events and not self.read_control():
                     return
+                if self.worker_pidfd in events:
+                    return  # the worker is gone
             if self.reready:
                 self.reready = False
                 self.tasks.clear()
@@ -376,6 +381,21 @@ def die_with_parent():
         os._exit(1)
 
 
-def main(broker, worker_id, slot, control_fd=None, token=None, where_fd=None, env=None):
+def main(broker, worker_id, slot, control_fd=None, token=None, where_fd=None, env=None, worker_pid=None):
+    """control_fd and where_fd are inherited descriptors, or (in a container, which inherits none) the paths of
+    the worker's control FIFO and WHERE file in a folder shared with it; there the worker's death is seen through
+    its pid (the container shares the host's pids): the FIFO tells nothing to a reader that came after it."""
     die_with_parent()
-    Executor(broker, worker_id, slot, control_fd, token, where_fd, env).run()
+    watch = None
+    if worker_pid is not None:
+        try:
+            watch = os.pidfd_open(worker_pid)
+        except ProcessLookupError:
+            return
+    if isinstance(control_fd, str):
+        control_fd = os.open(control_fd, os.O_RDONLY | os.O_NONBLOCK)
+    if isinstance(where_fd, str):
+        where_fd = os.open(where_fd, os.O_RDWR)
+    executor = Executor(broker, worker_id, slot, control_fd, token, where_fd, env)
+    executor.worker_pidfd = watch
+    executor.run()

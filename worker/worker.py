@@ -27,15 +27,18 @@ log = logging.getLogger("burla.worker")
 
 
 class Slot:
-    def __init__(self, index):
+    def __init__(self, index, folder):
         self.index = index
+        self.folder = folder  # the worker's private folder: this slot's WHERE file (and control FIFO, in a container)
+        self.container = None  # the container's name while the executor runs in one
         self.pid = None
         self.popen = None  # set when started by exec rather than fork
         self.control = None  # write end of the executor's control pipe; closing it tells the executor to exit
         self.pidfd = None
         self.started = 0.0
         self.timed_out = False  # killed for running past a call's deadline
-        self.where = tempfile.TemporaryFile()  # the executor's P.WHERE record, read when it dies
+        self.where_path = os.path.join(folder, f"slot-{index}.where")
+        self.where = open(self.where_path, "w+b")  # the executor's P.WHERE record, read when it dies
         self.env = None  # the envs.Prepared environment its executor runs in; None: the worker's own
         self.clear_where()
 
@@ -47,15 +50,21 @@ class Slot:
         os.pwrite(self.where.fileno(), P.NOWHERE, 0)
 
     def kill(self, signum):
+        if self.container and signum == signal.SIGKILL:  # the runtime's client cannot pass SIGKILL on
+            subprocess.Popen([*self.container, "kill", self.container_name], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+            return
         try:
-            os.kill(self.pid, signum)
+            os.kill(self.pid, signum)  # in a container: its runtime's client passes the signal on
         except (ProcessLookupError, TypeError):
             pass
 
 
-def container_runtime():
-    """"docker" or "podman" if one is installed and its engine answers, else None."""
-    for name in ("docker", "podman"):
+def container_runtime(choice="auto"):
+    """"docker" or "podman" if one is installed (or the one chosen) and its engine answers, else None."""
+    if choice == "none":
+        return None
+    for name in ("docker", "podman") if choice == "auto" else (choice,):
         if shutil.which(name):
             try:
                 if subprocess.run([name, "info"], capture_output=True, timeout=5).returncode == 0:
@@ -82,8 +91,9 @@ def host_resources():
 
 class Worker:
     def __init__(self, broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None,
-                 env_cache=None, env_cache_gb=20.0):
+                 env_cache=None, env_cache_gb=20.0, containers="auto"):
         host_cpu, host_ram = host_resources()
+        self.containers = containers  # "auto", "none", "docker" or "podman"
         self.broker = broker
         self.nslots = slots or host_cpu
         self.cpu = cpu if cpu is not None else host_cpu
@@ -93,10 +103,12 @@ class Worker:
         self.id = name or f"{self.host}-{os.getpid()}"
         self.parent_fd = parent_fd
         self.token = token  # the broker's worker token (CURVE over TCP); None on an ipc or insecure broker
-        self.slots = [Slot(k) for k in range(self.nslots)]
+        self.folder = tempfile.mkdtemp(prefix="burla-worker-")  # 0700
+        self.slots = [Slot(k, self.folder) for k in range(self.nslots)]
         self.env_cache, self.env_cache_gb, self.envs = env_cache, env_cache_gb, None  # envs.EnvCache, made on use
         self.own_env = E.current().key
-        self.runtime = None  # a container runtime, found by a thread at start (asking docker takes a while)
+        # a container runtime: "?" while a thread asks docker or podman whether they answer (that takes a while)
+        self.runtime = None if containers == "none" else "?"
         self.prepared = {}  # env key -> envs.Prepared
         self.building = {}  # env key -> slots to restart in it once it is ready
         self.events = queue.SimpleQueue()  # from the threads that build environments
@@ -104,6 +116,11 @@ class Worker:
 
     # ---------------------------------------------------------------- executors
     def start_slot(self, slot, fork):
+        slot.container = None
+        if slot.env is not None and slot.env.image:
+            pid, write = self.start_container(slot)
+            self.record_start(slot, pid, write)
+            return
         read, write = os.pipe()
         if fork:
             pid = os.fork()
@@ -142,16 +159,50 @@ class Worker:
             slot.popen = subprocess.Popen([python, "-c", code], pass_fds=(read, where), env=env)
             pid = slot.popen.pid
         os.close(read)
-        slot.pid, slot.control, slot.started = pid, write, time.monotonic()
+        self.record_start(slot, pid, write)
+
+    def record_start(self, slot, pid, control):
+        slot.pid, slot.control, slot.started = pid, control, time.monotonic()
         try:
             slot.pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
             slot.pidfd = None
 
+    def start_container(self, slot):
+        """Start a slot's executor in its job's image: host network and process ids (it dials the broker and
+        says its pid like any executor), this worker's folder for its WHERE file and control FIFO (a container
+        inherits no descriptors), and burla with the packages it runs on mounted read-only from the worker."""
+        prepared, tool = slot.env, self.runtime
+        fifo = os.path.join(self.folder, f"slot-{slot.index}.control")
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo, 0o600)
+        write = os.open(fifo, os.O_RDWR)  # held by the worker: once it closes, the executor reads end of file
+        slot.container = [tool]
+        slot.container_name = f"burla-{self.id}-{slot.index}-{os.getpid()}".replace("/", "-")
+        import burla
+        from burla import worker as worker_package
+
+        shared = {prepared.runtime, *burla.__path__, *worker_package.__path__}
+        if self.broker.startswith("ipc://"):
+            shared.add(os.path.dirname(self.broker[len("ipc://"):]))
+        mounts = [f"--volume={path}:{path}:ro" for path in sorted(shared) if os.path.isdir(path)]
+        code = (f"import os, site; site.addsitedir({prepared.runtime!r}); from burla.worker.executor import main; "
+                f"main({self.broker!r}, {self.id!r}, {slot.index}, {fifo!r}, "
+                f"os.environ.pop('BURLA_WORKER_TOKEN', None), {slot.where_path!r}, {prepared.key!r}, {os.getpid()})")
+        env = dict(os.environ, BURLA_WORKER_TOKEN=self.token or "")
+        slot.popen = subprocess.Popen(
+            [tool, "run", "--rm", "--name", slot.container_name, "--network=host", "--pid=host",
+             "--env=BURLA_WORKER_TOKEN", f"--volume={self.folder}:{self.folder}", *mounts,
+             prepared.image, "python3", "-c", code], env=env, stdin=subprocess.DEVNULL)
+        return slot.popen.pid, write
+
     def exit_code(self, slot):
         """The executor's exit status if it has ended (negative: killed by that signal), else None."""
         if slot.popen is not None:
-            return slot.popen.poll()
+            code = slot.popen.poll()
+            if slot.container and code is not None and code > 128:  # the runtime says 128 + signal
+                code = 128 - code
+            return code
         try:
             pid, status = os.waitpid(slot.pid, os.WNOHANG)
         except ChildProcessError:
@@ -207,6 +258,12 @@ class Worker:
             self.forget(slot)  # closing the control pipe asks the executor to exit
             slot.kill(signal.SIGKILL)
         for slot in self.slots:
+            if slot.container and slot.popen is not None:
+                try:
+                    slot.popen.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    slot.popen.kill()
+        for slot in self.slots:
             if slot.pid:
                 try:
                     os.waitpid(slot.pid, 0)
@@ -230,7 +287,7 @@ class Worker:
             self.own_env = E.current().key  # packages installed since the worker started count as its own
             self.switch(slots, None)
             return
-        if key in self.prepared and os.path.exists(self.prepared[key].python):  # (not evicted since)
+        if key in self.prepared and (self.prepared[key].image or os.path.exists(self.prepared[key].python)):
             self.switch(slots, self.prepared[key])
             return
         if key not in self.building:
@@ -251,7 +308,12 @@ class Worker:
         try:
             if self.envs is None:
                 self.envs = envs.EnvCache(self.env_cache, self.env_cache_gb)
-            prepared = self.envs.prepare(spec, archive, lambda text: say("step", text))
+            if spec.get("img"):
+                if self.runtime in (None, "?"):
+                    raise EnvironmentBuildError("this worker has no container runtime")
+                prepared = self.envs.prepare_image(spec, self.runtime, lambda text: say("step", text))
+            else:
+                prepared = self.envs.prepare(spec, archive, lambda text: say("step", text))
             self.prepared[key] = prepared
             say("ready", "found in the cache" if prepared.hit else "built")
         except EnvironmentBuildError as e:
@@ -265,9 +327,7 @@ class Worker:
         os.write(self.wake_write, b".")
 
     def find_runtime(self):
-        runtime = container_runtime()
-        if runtime:
-            self.tell_loop({"runtime": runtime})
+        self.tell_loop({"runtime": container_runtime(self.containers)})
 
     def on_events(self):
         while True:
@@ -277,7 +337,7 @@ class Worker:
                 return
             if "runtime" in event:
                 self.runtime = event["runtime"]
-                self.register()
+                self.register()  # the broker learns whether it can send image jobs here
                 continue
             P.send(self.sock, P.ENV, event)
             slots = self.building.pop(event["k"], ()) if event["st"] in ("ready", "failed") else ()
@@ -304,7 +364,7 @@ class Worker:
         for slot in slots:
             self.restart_slot(slot, prepared)
         if self.envs is not None:
-            used = {s.env.key.partition("-")[0] for s in self.slots if s.env is not None}
+            used = {s.env.key.partition("-")[0] for s in self.slots if s.env is not None and not s.env.image}
             self.envs.use(used)
             threading.Thread(target=self.envs.evict, args=(used,), daemon=True, name="burla-evict").start()
 
@@ -323,7 +383,8 @@ class Worker:
         self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
         self.sock.connect(self.broker)
         self.register()
-        threading.Thread(target=self.find_runtime, daemon=True, name="burla-runtime").start()
+        if self.runtime == "?":
+            threading.Thread(target=self.find_runtime, daemon=True, name="burla-runtime").start()
         heard = time.monotonic()
         next_beat = heard + P.HEARTBEAT_INTERVAL
         try:
@@ -365,6 +426,7 @@ class Worker:
         finally:
             self.stop_executors()
             self.sock.close(0)
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def signal_slot(self, name, job, hard):
         """Kill a slot's executor, or interrupt its call if (and only if) that call is the given job's: the job
@@ -387,7 +449,7 @@ class Worker:
 
 
 def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None, env_cache=None,
-         env_cache_gb=20.0):
+         env_cache_gb=20.0, containers="auto"):
     logging.basicConfig(level=logging.WARNING, format="burla worker: %(message)s")
 
     def terminate(*_):
@@ -395,7 +457,7 @@ def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=N
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, terminate)
-    worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd, token, env_cache, env_cache_gb)
+    worker = Worker(broker, slots, cpu, ram, gpus, name, parent_fd, token, env_cache, env_cache_gb, containers)
     try:
         worker.run()
     except KeyboardInterrupt:
