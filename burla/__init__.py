@@ -4,12 +4,18 @@
     outputs = remote_parallel_map(my_function, my_inputs)
 """
 
-from burla.client import remote_parallel_map
 from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, EnvironmentBuildError,
-                          NoCompatibleWorkerError,
-                          RemoteError, WorkerDiedError)
+                          NoCompatibleWorkerError, RemoteError, WorkerDiedError)
 
 __version__ = "0.1.0"
-__all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError",
-           "EnvironmentBuildError", "NoCompatibleWorkerError",
-           "RemoteError", "WorkerDiedError"]
+__all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError", "EnvironmentBuildError",
+           "NoCompatibleWorkerError", "RemoteError", "WorkerDiedError"]
+
+
+def __getattr__(name):
+    # The client is imported on first use: executors import this package too, and start faster without it.
+    if name == "remote_parallel_map":
+        from burla.client import remote_parallel_map
+
+        return remote_parallel_map
+    raise AttributeError(f"module 'burla' has no attribute {name!r}")

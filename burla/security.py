@@ -14,7 +14,6 @@ import os
 import pathlib
 
 import zmq
-from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 CLIENT, WORKER = "bk1", "bw1"
@@ -96,7 +95,7 @@ class BrokerKeys:
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_server = True
-        auth = _Authenticator(ctx, self)
+        auth = _authenticator(ctx, self)
         auth.start()
         auth.configure_curve_callback("*", credentials_provider=auth)
         return auth
@@ -108,18 +107,25 @@ class BrokerKeys:
         return self.roles()
 
 
-class _Authenticator(ThreadAuthenticator):
-    def __init__(self, ctx, keys):
-        super().__init__(ctx)
-        self.keys, self.roles = keys, keys.roles()
+def _authenticator(ctx, keys):
+    """A ZAP handler admitting the credentials we issued. (zmq.auth.thread brings asyncio: imported only in the
+    broker, so executors, which start often, do not pay for it.)"""
+    from zmq.auth.thread import ThreadAuthenticator
 
-    def callback(self, domain, key):  # the credentials provider: is this public key one we issued?
-        if key not in self.roles:
-            self.roles = self.keys.reload()  # a key issued (burla broker --new-api-key) since we started
-        return key in self.roles
+    class Authenticator(ThreadAuthenticator):
+        def __init__(self):
+            super().__init__(ctx)
+            self.roles = keys.roles()
 
-    def curve_user_id(self, client_public_key):
-        return self.roles.get(z85.encode(client_public_key), "denied")
+        def callback(self, domain, key):  # the credentials provider: is this public key one we issued?
+            if key not in self.roles:
+                self.roles = keys.reload()  # a key issued (burla broker --new-api-key) since we started
+            return key in self.roles
+
+        def curve_user_id(self, client_public_key):
+            return self.roles.get(z85.encode(client_public_key), "denied")
+
+    return Authenticator()
 
 
 def write_private(path, text):

@@ -74,19 +74,20 @@ def test_calls_run_in_the_image(runtime, tmp_path, capfd):
         out = remote_parallel_map(in_container, range(4), image=NAME, cluster=c.address, spinner=False)
         assert out == [(x * 2, "burla test image", None, False) for x in range(4)]
         printed = capfd.readouterr()
-        assert "call 3 in burla test image" in printed.out
-        assert "worker w1: environment img-" in printed.err
+        assert "call 3 in burla test image" in printed.out, printed
+        assert "worker w1: environment img-" in printed.err, printed
 
         dockerfile = tmp_path / "Dockerfile"
         dockerfile.write_text(f"FROM {NAME}\nENV FROM_DOCKERFILE=yes\n")
         built = remote_parallel_map(in_container, range(3), dockerfile=dockerfile, cluster=c.address, spinner=False)
         assert built == [(x * 2, "burla test image", "yes", False) for x in range(3)]
-        assert "building image localhost/burla-job:" in capfd.readouterr().err
+        printed = capfd.readouterr()
+        assert "building image localhost/burla-job:" in printed.err, printed
 
         # a crash inside the container is found like any other: the input fails alone after three tries
         crash = remote_parallel_map(lambda x: os._exit(3) if x == 1 else x, range(3), image=NAME, cluster=c.address,
                                     spinner=False, return_exceptions=True)
-        assert crash[0] == 0 and crash[2] == 2 and "exit code 3" in str(crash[1])
+        assert crash[0] == 0 and crash[2] == 2 and "exit code 3" in str(crash[1]), (crash, capfd.readouterr())
     # with its worker killed, each executor reads end of file on its control FIFO and its container ends
     deadline = time.monotonic() + 20
     while "burla-w1-" in podman("ps", "-a", "--format", "{{.Names}}", env=runtime).stdout:

@@ -94,6 +94,7 @@ class Worker:
                  env_cache=None, env_cache_gb=20.0, containers="auto"):
         host_cpu, host_ram = host_resources()
         self.containers = containers  # "auto", "none", "docker" or "podman"
+        self.containers_started = 0
         self.broker = broker
         self.nslots = slots or host_cpu
         self.cpu = cpu if cpu is not None else host_cpu
@@ -178,7 +179,8 @@ class Worker:
             os.mkfifo(fifo, 0o600)
         write = os.open(fifo, os.O_RDWR)  # held by the worker: once it closes, the executor reads end of file
         slot.container = [tool]
-        slot.container_name = f"burla-{self.id}-{slot.index}-{os.getpid()}".replace("/", "-")
+        self.containers_started += 1  # a name never reused: the last container of the slot may still be going
+        slot.container_name = f"burla-{self.id}-{slot.index}-{os.getpid()}-{self.containers_started}".replace("/", "-")
         import burla
         from burla import worker as worker_package
 
