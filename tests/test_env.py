@@ -2,6 +2,7 @@
 wheelhouse (no index), caches it by hash, shares it between workers of a host, and evicts it past a budget."""
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -200,3 +201,17 @@ def test_lock_pins_exact_versions_and_ships_local_packages(house):
     assert E.make(["b==1", "a==2"]).key == E.make(["a==2", "b==1"]).key
     with pytest.raises(TypeError):
         E.for_job("numpy")
+
+
+def test_worker_refuses_a_lock_for_another_python(tmp_path):
+    from burla.errors import EnvironmentBuildError
+    from burla.worker.envs import EnvCache
+
+    lock, py = "six==1.16.0\n", "cpython-312-linux-x86-64"
+    key = hashlib.sha256(f"{py}\n{lock}".encode()).hexdigest()[:16]
+    cache = EnvCache(tmp_path / "cache")
+    with pytest.raises(EnvironmentBuildError, match="same Python version"):
+        cache.prepare({"k": key, "lock": lock, "py": py}, b"", print)
+    with pytest.raises(EnvironmentBuildError, match="does not match its lock"):  # a key must name its lock
+        cache.prepare({"k": key, "lock": "six==1.17.0\n", "py": py}, b"", print)
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -124,10 +124,12 @@ class EnvCache:
         lock_hash, digest = E.parse_key(key)
         if not isinstance(lock, str) or hashlib.sha256(f"{py}\n{lock}".encode()).hexdigest()[:16] != lock_hash:
             raise EnvironmentBuildError("the job's environment key does not match its lock")
-        if py != E.interpreter():
+        if not isinstance(py, str) or py.split("-")[:2] != sys.implementation.cache_tag.split("-"):
+            # Another platform is fine (a Mac client, Linux workers: most packages have wheels for both); another
+            # Python version is not: the pinned versions may not exist for it, and pickles may not load.
             raise EnvironmentBuildError(
-                f"the job's packages were pinned for {py}, and this worker runs {E.interpreter()}: run the client "
-                "on the same Python version and platform as the workers")
+                f"the job's packages were pinned on {py}, and this worker runs {E.interpreter()}: run the client "
+                "on the same Python version as the workers")
         venv = os.path.join(self.root, lock_hash)
         hit = os.path.exists(os.path.join(venv, DONE))
         if not hit:
