@@ -66,7 +66,8 @@ def main():
             address, procs = start(folder, installer)
             try:
                 job(address, [])  # the cluster is up and warm
-                rows.append((f"{installer}: cold build of [{args.package!r}] + a 2-call job", job(address, [args.package])))
+                cold = job(address, [args.package])
+                rows.append((f"{installer}: cold build of [{args.package!r}] + a 2-call job", cold))
                 rows.append((f"{installer}: next job, same environment (slots already in it)",
                              statistics.median(job(address, [args.package]) for _ in range(args.repeats * 4))))
                 rows.append((f"{installer}: 2-call job in the worker's own environment (baseline)",
