@@ -168,7 +168,10 @@ class EnvCache:
 
     def build(self, venv, lock, say):
         started = time.monotonic()
-        pins = [line for line in lock.splitlines() if line.strip()]
+        pins = [line.strip() for line in lock.splitlines() if line.strip()]
+        options = [line for line in pins if line.startswith("-")]
+        if options:  # a requirements file would take them as installer options (another index, a file to read)
+            raise EnvironmentBuildError(f"the job's lock holds installer options, not requirements: {options[:3]}")
         shared, fetch = [], []
         for line in pins:
             name, _, version = line.partition("==")

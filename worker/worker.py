@@ -107,6 +107,7 @@ class Worker:
         self.folder = tempfile.mkdtemp(prefix="burla-worker-")  # 0700
         self.slots = [Slot(k, self.folder) for k in range(self.nslots)]
         self.env_cache, self.env_cache_gb, self.envs = env_cache, env_cache_gb, None  # envs.EnvCache, made on use
+        self.envs_lock = threading.Lock()
         self.own_env = E.current().key
         # a container runtime: "?" while a thread asks docker or podman whether they answer (that takes a while)
         self.runtime = None if containers == "none" else "?"
@@ -308,8 +309,9 @@ class Worker:
             self.tell_loop({"w": self.id, "k": key, "st": state, "m": message, "t": time.monotonic() - started})
 
         try:
-            if self.envs is None:
-                self.envs = envs.EnvCache(self.env_cache, self.env_cache_gb)
+            with self.envs_lock:  # builds of different environments run in threads of their own
+                if self.envs is None:
+                    self.envs = envs.EnvCache(self.env_cache, self.env_cache_gb)
             if spec.get("img"):
                 if self.runtime in (None, "?"):
                     raise EnvironmentBuildError("this worker has no container runtime")
