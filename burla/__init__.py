@@ -12,6 +12,13 @@ __all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConn
            "NoCompatibleWorkerError", "RemoteError", "WorkerDiedError"]
 
 
+def load_ipython_extension(ipython):
+    """`%load_ext burla`: the %%burla and %burla magics (see burla_jupyter)."""
+    from burla_jupyter import load_ipython_extension as load
+
+    load(ipython)
+
+
 def __getattr__(name):
     # The client is imported on first use: executors import this package too, and start faster without it.
     if name == "remote_parallel_map":

@@ -12,7 +12,6 @@ import linecache
 import math
 import os
 import re
-import sys
 import threading
 import time
 import weakref
@@ -20,7 +19,7 @@ import weakref
 import zmq
 
 from burla import config, env, errors, protocol as P, security, serialize
-from burla.progress import Progress
+from burla.progress import create as create_view
 
 TARGET_BATCH_SECONDS = 0.1
 SPLIT_MIN_SECONDS = 0.002  # work smaller than this is not worth a batch of its own (a round trip costs ~0.3 ms)
@@ -115,7 +114,7 @@ class Job:
         self.slots = 0
         self.per_call = None  # seconds one call takes, as measured by the workers
         self.item_bytes = None
-        self.progress = Progress.create(spinner, self.total)
+        self.view = create_view(spinner, self.total)  # what the user sees: terminal output, or a notebook widget
         self.return_exceptions = bool(options.get("c"))
         self.sock = conn.socket()
         self.heard = time.monotonic()
@@ -159,8 +158,7 @@ class Job:
             items = list(itertools.islice(self.inputs, self.batch_size()))
             if not items:
                 self.exhausted = True
-                if self.progress:
-                    self.progress.total_known(self.sent)
+                self.view.total_known(self.sent)
                 break
             self.send_batch(items)
 
@@ -186,10 +184,13 @@ class Job:
     # ---------------------------------------------------------------- receiving
     def batches(self):
         """Yield (first index, results) for each batch as it completes; cancel the job if stopped early."""
+        __tracebackhide__ = True  # IPython and pytest leave burla's own frames out of a remote error's traceback
+        state = "cancelled"  # unless it ends otherwise: stopped by Ctrl-C, a kernel interrupt or the caller
         try:
             self.fill()
             while self.outstanding or not self.exhausted:
                 if not self.sock.poll(250):
+                    self.view.tick()
                     if self.conn.refused:
                         raise errors.ClusterConnectionError(self.conn.refused)
                     if time.monotonic() - self.heard > SILENCE_LIMIT:
@@ -210,20 +211,24 @@ class Job:
                     if not self.sock.poll(0):
                         break
                 self.fill()
-            self.close(P.END)
+            self.close(P.END, "done")
+        except Exception:
+            state = "failed"
+            raise
         finally:
             if not self.closed:
-                self.close(P.CANCEL)
+                self.close(P.CANCEL, state)
 
     def handle(self, command, header, payload):
+        __tracebackhide__ = True
         if command == P.RESULT:
             return self.on_result(header, payload)
         if command == P.LOG:
-            write_lines(header["l"], self.progress)
+            self.view.lines(header.get("w"), header["l"])
         elif command in (P.ACCEPTED, P.HEARTBEAT):
             self.slots = header.get("s", self.slots)
         elif command == P.ENV:
-            write_env_news(header, self.progress)
+            self.view.env(header)
         elif command == P.REJECTED:
             if header.get("t") == "env":
                 raise errors.EnvironmentBuildError(header["e"])
@@ -234,6 +239,7 @@ class Job:
         """The outcomes in a RESULT as (first index, values) runs; raises a failed call's exception unless the job
         returns exceptions in place. Outcomes seen before (a batch re-run after its worker was presumed dead) are
         dropped, so every input ends in exactly one outcome."""
+        __tracebackhide__ = True
         start = header["i"]
         pending = self.outstanding.get(start)
         if pending is None:
@@ -249,6 +255,7 @@ class Job:
             exceptions = [remote_exception(info, payload[len(flags) + k:len(flags) + k + 1])
                           for k, info in enumerate(failures)]
             if not self.return_exceptions:
+                self.view.advance(0, header.get("w"), 1)
                 raise exceptions[0]
             values = values + exceptions
             if header.get("all"):  # one error for every input of the batch from the offset on
@@ -257,24 +264,22 @@ class Job:
         if pending.left == 0:
             del self.outstanding[start]
             self.outstanding_bytes -= pending.size
-        if self.progress:
-            self.progress.advance(sum(len(v) for _, v in runs))
+        self.view.advance(sum(len(v) for _, v in runs), header.get("w"), len(failures))
         return [(start + k, v) for k, v in runs]
 
     def abandon(self):
         if not self.closed:
             self.close(P.CANCEL)
 
-    def close(self, command):
+    def close(self, command, state="cancelled"):
         self.closed = True
+        self.view.close(state)
         try:
             P.send(self.sock, command, {"j": self.id}, flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             self.sock.close(0)
             return
         self.conn.release(self.sock)
-        if self.progress:
-            self.progress.close()
 
 
 class Pending:
@@ -306,35 +311,6 @@ class Pending:
         if run_start is not None:
             runs.append((offset + run_start, values[run_start:]))
         return runs
-
-
-def write_lines(lines, progress):
-    out = "".join(text + "\n" for _, stream, text in lines if stream == 1)
-    err = "".join(text + "\n" for _, stream, text in lines if stream == 2)
-    if progress:
-        progress.clear()
-    if out:
-        sys.stdout.write(out)
-        sys.stdout.flush()
-    if err:
-        sys.stderr.write(err)
-        sys.stderr.flush()
-    if progress:
-        progress.refresh()
-
-
-def write_env_news(header, progress):
-    """A worker preparing the job's environment says what it is doing: show it (failures come as REJECTED)."""
-    if header.get("st") == "failed":
-        return
-    if progress:
-        progress.clear()
-    ready = "ready: " if header.get("st") == "ready" else ""
-    sys.stderr.write(f"burla: worker {header.get('w')}: environment {str(header.get('k'))[:8]}: {ready}"
-                     f"{header.get('m')} ({header.get('t', 0):.1f} s)\n")
-    sys.stderr.flush()
-    if progress:
-        progress.refresh()
 
 
 _FRAME_LINE = re.compile(r'^  File "(.+)", line (\d+), in ')
@@ -401,6 +377,7 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     a container runtime.
     cluster: "tcp://HOST:PORT", "local", or None for $BURLA_CLUSTER / ~/.burla/config.toml / the embedded cluster.
     """
+    __tracebackhide__ = True
     if not callable(function_):
         raise TypeError(f"function_ must be callable, not {type(function_).__name__}")
     try:
