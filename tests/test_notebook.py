@@ -72,6 +72,10 @@ def test_remote_error_in_a_cell(cluster):
         "%%burla x in [4, 2, 0, 1] -> out\ny = 8 // x\nprint(f'{x} -> {y}')\ny",
         "%%burla --parallelism 1 --retries 0 x in range(3)\nx * 10",
         "%%burla --bogus 1 x in range(3)\nx",
+        "from burla import remote_parallel_map\n"
+        "def shout(x):\n    print(f'shout {x}')\n    return x\n"
+        "gen = remote_parallel_map(shout, range(5), generator=True)",
+        "sorted(gen)",
     )]
     run_notebook(nb, env={"BURLA_CLUSTER": cluster.address}, allow_errors=True)
     error = nb.cells[1].outputs[-1]
@@ -81,6 +85,12 @@ def test_remote_error_in_a_cell(cluster):
     assert "input 2" in tb
     assert "[0, 10, 20]" in text(nb.cells[2])
     assert nb.cells[3].outputs[-1].ename == "UsageError" and "--bogus" in text(nb.cells[3])
+    # a generator consumed in a later cell: the view (and the calls' lines) stay in the cell that started it
+    assert [o.output_type for o in nb.cells[4].outputs] == ["display_data"]
+    assert [o.output_type for o in nb.cells[5].outputs] == ["execute_result"]
+    assert "[0, 1, 2, 3, 4]" in text(nb.cells[5]) and "shout" not in text(nb.cells[5])
+    view = nb.cells[4].outputs[0].data["application/vnd.jupyter.widget-view+json"]["model_id"]
+    assert widget_states(nb)[view][0] == "VBoxModel"
     failed = [s for name, s in widget_states(nb).values() if name == "IntProgressModel" and s["bar_style"] == "danger"]
     assert len(failed) == 1
 
