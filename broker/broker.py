@@ -66,6 +66,7 @@ class Job:
         self.slots = set()
         self.started = time.time()
         self.done = 0
+        self.failed = 0  # calls that raised (or crashed, or timed out)
         self.sent = 0  # inputs the client has submitted so far
 
 
@@ -170,12 +171,14 @@ class Broker:
         self.clients = {}  # client id -> last seen (monotonic)
         self.order = collections.deque()  # job ids, rotated for fairness between jobs
         self.stopping = {}  # slot identity -> when to kill its executor if its cancelled call still runs
+        self.watchers = {}  # connection identity -> (role, when its WATCH expires)
+        self.recent = collections.deque(maxlen=20)  # finished jobs, for dashboards
         self.dirty = False
         self.handlers = {
-            P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_end,
+            P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_cancel,
             P.STATUS: self.on_status, P.RESULT: self.on_result, P.LOG: self.on_log, P.READY: self.on_ready,
             P.REGISTER: self.on_register, P.SLOT_DIED: self.on_slot_died, P.HEARTBEAT: self.on_heartbeat,
-            P.ENV: self.on_env,
+            P.ENV: self.on_env, P.WATCH: self.on_watch,
         }
 
     # ---------------------------------------------------------------- loop
@@ -185,8 +188,10 @@ class Broker:
         if self.parent_fd is not None:
             poller.register(self.parent_fd, zmq.POLLIN)
         next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
+        next_push = time.monotonic()
         while True:
-            timeout = max(0.0, min([next_beat, *self.stopping.values()]) - time.monotonic())
+            wake = [next_beat, *self.stopping.values()] + ([next_push] if self.watchers else [])
+            timeout = max(0.0, min(wake) - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
             if self.parent_fd is not None and self.parent_fd in events:
                 break  # the process that started us is gone (the pipe's write end closed)
@@ -206,6 +211,9 @@ class Broker:
                 self.check_stopping()
             if self.dirty:
                 self.dispatch()
+            if self.watchers and time.monotonic() >= next_push:
+                self.push_state()
+                next_push = time.monotonic() + P.WATCH_INTERVAL
             if time.monotonic() >= next_beat:
                 self.beat()
                 next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
@@ -278,16 +286,29 @@ class Broker:
         self.dirty = True
 
     def on_end(self, ident, h, payload, role=None):
-        """END (every outcome is in) and CANCEL alike: the job's owner is done with it."""
+        self.finish(ident, h, role, "done")
+
+    def on_cancel(self, ident, h, payload, role=None):
+        self.finish(ident, h, role, "cancelled")
+
+    def finish(self, ident, h, role, state):
+        """END (every outcome is in) and CANCEL alike: the job's owner is done with it. A CANCEL may come from
+        another connection of the same owner (a dashboard): then the job's client is told."""
         job = self.jobs.get(h.get("j"))
         if job is not None and job.owner == role:
-            self.drop_job(job.id)
+            if ident != job.client:
+                self.send(job.client, P.REJECTED, {"j": job.id, "t": "cancelled", "e": "the job was cancelled "
+                                                   "from another connection (the JupyterLab panel, say)"})
+            self.drop_job(job.id, state)
 
-    def drop_job(self, job_id):
+    def drop_job(self, job_id, state="cancelled"):
         """Forget a job: drop its queue and the batches waiting on executors, and stop its running calls."""
         job = self.jobs.pop(job_id, None)
         if job is None:
             return
+        if state == "cancelled" and job.failed:
+            state = "failed"
+        self.recent.appendleft(dict(self.job_state(job), state=state, owner=job.owner))
         job.queue.clear()
         for slot in list(job.slots):
             self.send(slot.ident, P.CANCEL, {"j": job.id})  # the executor drops the batches it has not started
@@ -340,11 +361,37 @@ class Broker:
             "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus,
             "preparing": sum(1 for s in w.slots if self.slots[s].preparing), "containers": w.runtime,
         } for w in self.workers.values()]
-        jobs = [{
-            "id": j.id.hex(), "done": j.done, "submitted": j.sent, "queued": sum(b.n for b in j.queue),
-            "slots": len(j.slots), "elapsed": time.time() - j.started,
-        } for j in self.jobs.values() if role is None or j.owner == role]
-        return {"workers": workers, "jobs": jobs}
+        jobs = [self.job_state(j) for j in self.jobs.values() if role is None or j.owner == role]
+        recent = [{k: v for k, v in r.items() if k != "owner"} for r in self.recent
+                  if role is None or r["owner"] == role]
+        return {"workers": workers, "jobs": jobs, "recent": recent}
+
+    def job_state(self, j):
+        return {"id": j.id.hex(), "done": j.done, "failed": j.failed, "submitted": j.sent,
+                "queued": sum(b.n for b in j.queue), "slots": len(j.slots), "started": j.started,
+                "elapsed": time.time() - j.started, "state": "running",
+                "workers": sorted({s.worker_id for s in j.slots})}
+
+    def on_watch(self, ident, h, payload, role=None):
+        new = ident not in self.watchers
+        self.watchers[ident] = (role, time.monotonic() + P.WATCH_EXPIRY)
+        if new:
+            self.push_state([ident])
+
+    def push_state(self, idents=None):
+        """STATE to watchers; a watcher that expired or cannot keep up is dropped (never block the broker)."""
+        now = time.monotonic()
+        for ident in list(idents or self.watchers):
+            role, expires = self.watchers[ident]
+            if expires < now or not self.send_watcher(ident, P.STATE, self.state(role)):
+                del self.watchers[ident]
+
+    def send_watcher(self, ident, command, header, payload=()):
+        try:
+            P.send(self.sock, command, header, payload, ident=ident, flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN): a dashboard must not slow jobs
+            return False
 
     # ---------------------------------------------------------------- workers
     def worker_by_ident(self, ident, h):
@@ -415,12 +462,16 @@ class Broker:
                         self.unbind(slot)  # a cancelled job's last call has stopped
         if job is not None:
             job.done += h.get("k", 0) + len(h.get("e") or ())
+            job.failed += len(h.get("e") or ())
             self.send(job.client, P.RESULT, h, payload)
 
     def on_log(self, ident, h, payload, role=None):
         job = self.jobs.get(h.get("j"))
         if job is not None:
             self.send(job.client, P.LOG, h, payload)
+            for watcher, (watcher_role, _) in self.watchers.items():
+                if watcher_role == job.owner and watcher != job.client:
+                    self.send_watcher(watcher, P.LOG, h, payload)
 
     def remove_slot(self, slot, why, at=None, timed_out=False):
         """Forget a slot whose executor is gone, and run what it held again. at: the input its call was running,
@@ -468,6 +519,7 @@ class Broker:
                     error.update(type="burla.CallTimeoutError", msg=f"input {index}: {why}")
                 batch.skip.add(culprit)
                 job.done += 1
+                job.failed += 1
                 self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "o": culprit, "k": 0,
                                                  "e": [error], "f": 0})
         if batch.skip.issuperset(range(batch.progress, batch.n)):

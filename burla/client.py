@@ -232,6 +232,8 @@ class Job:
         elif command == P.REJECTED:
             if header.get("t") == "env":
                 raise errors.EnvironmentBuildError(header["e"])
+            if header.get("t") == "cancelled":
+                raise errors.JobCancelledError(header["e"])
             raise errors.NoCompatibleWorkerError(header["e"])
         return ()
 

@@ -32,6 +32,10 @@ class EnvironmentBuildError(BurlaError):
     """The job's Python environment could not be resolved or built; carries the installer's own message."""
 
 
+class JobCancelledError(BurlaError):
+    """The job was cancelled from elsewhere: the JupyterLab panel, or another connection with the same API key."""
+
+
 class ClusterConnectionError(BurlaError, ConnectionError):
     """The broker could not be reached, or stopped answering during a job."""
 

@@ -22,10 +22,14 @@ SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, cpu, ram, gpu, pa
 BATCH = b"B"  # {j, i, n, z: compressed flags}  payload: pickled inputs
 END = b"E"  # {j}: the client has every outcome; the broker forgets the job
 CANCEL = b"C"  # {j}
-STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...]}
+STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...], recent: [...]}
+WATCH = b"O"  # {}: push STATE every WATCH_INTERVAL, and a copy of the LOG lines of the watcher's jobs, for the
+#               next WATCH_EXPIRY seconds (a dashboard renews it every second)
+STATE = b"U"  # broker -> watcher: what STATUS answers
 # broker -> client
 ACCEPTED = b"A"  # {j, s: slots that fit the job}
-REJECTED = b"X"  # {j, e: message, t?: "env" when the job's environment could not be built}
+REJECTED = b"X"  # {j, e: message, t?: "env" when the job's environment could not be built, "cancelled" when
+#                  another connection of the same user cancelled it (a dashboard)}
 RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [errors], f: 1 on a batch's last,
 #                 t: seconds computing, w: slot, z}  payload: results, then one pickled exception per error
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
@@ -52,11 +56,13 @@ RECONNECT = b"Z"
 HEARTBEAT = b"H"
 
 # What each authenticated role may send: a worker cannot submit jobs, a client cannot post results or logs.
-CLIENT_COMMANDS = {SUBMIT, BATCH, END, CANCEL, STATUS, HEARTBEAT}
+CLIENT_COMMANDS = {SUBMIT, BATCH, END, CANCEL, STATUS, WATCH, HEARTBEAT}
 WORKER_COMMANDS = {REGISTER, READY, RESULT, LOG, SLOT_DIED, ENV, HEARTBEAT}
 
 HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead
+WATCH_INTERVAL = 0.25  # seconds between STATE pushes to watchers
+WATCH_EXPIRY = 3.0
 
 # An error in "e": {i: input index, type: "module.Name", msg, tb: remote traceback text, input: repr}; "all": 1
 # when one error stands for every input of the batch from "o" on (the batch could not be loaded).

@@ -13,6 +13,7 @@ import pytest
 from burla.client import cluster_state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+pytest_plugins = ["pytest_jupyter.jupyter_server"]  # jp_fetch and friends: a real Jupyter server (test_server.py)
 
 
 class Cluster:
