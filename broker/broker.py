@@ -52,6 +52,7 @@ class Job:
         self.ram = float(field(header, "ram", (int, float), 0))
         self.gpu = gpu_request(header.get("gpu"))
         self.par = field(header, "par", (int, type(None)))
+        self.total = field(header, "n", (int, type(None)))  # inputs in all, if the client knows
         # r: retries, t: timeout, c: go on after a failed call
         self.options = field(header, "o", (dict, type(None))) or {}
         self.env = field(header, "env", (dict, type(None)))  # see burla.env; None: each worker's own
@@ -367,7 +368,7 @@ class Broker:
         return {"workers": workers, "jobs": jobs, "recent": recent}
 
     def job_state(self, j):
-        return {"id": j.id.hex(), "done": j.done, "failed": j.failed, "submitted": j.sent,
+        return {"id": j.id.hex(), "done": j.done, "failed": j.failed, "submitted": j.sent, "total": j.total,
                 "queued": sum(b.n for b in j.queue), "slots": len(j.slots), "started": j.started,
                 "elapsed": time.time() - j.started, "state": "running",
                 "workers": sorted({s.worker_id for s in j.slots})}

@@ -118,8 +118,8 @@ class Job:
         self.return_exceptions = bool(options.get("c"))
         self.sock = conn.socket()
         self.heard = time.monotonic()
-        header = {"j": self.id, "c": conn.client_id, "d": digest, "cpu": cpu, "ram": ram, "gpu": gpu,
-                  "par": parallelism, "o": options}
+        header = {"j": self.id, "c": conn.client_id, "d": digest, "n": self.total, "cpu": cpu, "ram": ram,
+                  "gpu": gpu, "par": parallelism, "o": options}
         payload = [function_bytes]
         if environment is not None:
             header["env"] = environment.header()

@@ -15,7 +15,8 @@ import zmq
 VERSION = b"B1"
 
 # client -> broker
-SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, cpu, ram, gpu, par, o: options, env?: {k: key, lock,
+SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, n: inputs (if known), cpu, ram, gpu, par, o: options,
+#                env?: {k: key, lock,
 #                py: interpreter} (see burla.env; absent: each worker's own environment), img?: container image}
 #                payload: [function, local packages zip (when the env key has an archive digest)]
 # options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job}

@@ -19,7 +19,7 @@ from burla import config, protocol as P, security
 
 LOG_TAIL = 2000  # lines kept per job, for a panel that opens a job late
 PUSH_INTERVAL = 0.1  # seconds between the batches of log lines sent to browsers
-MAX_PUSH_LINES = 1000  # lines per job per batch; the rest are counted, not sent (a page must not drown)
+MAX_PUSH_LINES = 1000  # lines per job per batch, the newest; the rest are counted, not sent (a page must not drown)
 
 
 class Manager:
@@ -29,7 +29,7 @@ class Manager:
         self.address, self.api_key, self.embedded = None, None, False
         self.state, self.heard = None, 0.0
         self.logs = collections.OrderedDict()  # job id (hex) -> deque of [worker, stream, text]
-        self.pending, self.dropped = [], collections.Counter()
+        self.pending = []  # (job, lines) not yet sent to the pages
         self.wake = threading.Event()
         self.outbox = collections.deque()  # commands for the broker, sent by the watch thread (it owns the socket)
         self.stopped = False
@@ -159,18 +159,18 @@ class Manager:
                 self.pending.append((job, lines))
 
     def flush(self):
-        """Send the log lines gathered since the last flush, at most MAX_PUSH_LINES per job."""
+        """Send the log lines gathered since the last flush: the newest MAX_PUSH_LINES of each job (the page shows
+        a tail; the rest are counted, and the server keeps the last LOG_TAIL for a job opened later)."""
         with self.lock:
             pending, self.pending = self.pending, []
         if not pending:
             return
         batches = collections.defaultdict(list)
         for job, lines in pending:
-            room = MAX_PUSH_LINES - len(batches[job])
-            batches[job].extend(lines[:room])
-            self.dropped[job] += max(0, len(lines) - room)
+            batches[job].extend(lines)
         for job, lines in batches.items():
-            self.emit({"type": "logs", "job": job, "lines": lines, "skipped": self.dropped.pop(job, 0)})
+            skipped = max(0, len(lines) - MAX_PUSH_LINES)
+            self.emit({"type": "logs", "job": job, "lines": lines[skipped:], "skipped": skipped})
 
     def emit(self, message):
         text = json.dumps(message)

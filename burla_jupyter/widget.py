@@ -57,7 +57,7 @@ class JobWidget:
         self.counts = widgets.HTML()
         self.table = widgets.HTML()
         self.logs = widgets.Tab(children=[self.log_view()])
-        self.logs.titles = ("all workers",)
+        self.logs.set_title(0, "all workers")
         self.log_views = {}  # worker id -> its HTML in the tab
         self.box = JobBox([self.header, self.bar, self.counts, self.table, self.logs])
         self.box.add_class("burla-job")
@@ -76,7 +76,7 @@ class JobWidget:
                 view = self.log_view()
                 self.log_views[name] = view
                 self.logs.children = (*self.logs.children, view)
-                self.logs.titles = (*self.logs.titles, name)
+                self.logs.set_title(len(self.logs.children) - 1, name)
         w = self.workers[name]
         w.seen = time.monotonic()
         return name, w

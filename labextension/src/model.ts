@@ -21,6 +21,7 @@ export interface IJob {
   done: number;
   failed: number;
   submitted: number;
+  total?: number | null; // inputs in all, when the client knew
   queued: number;
   slots: number;
   elapsed: number;
@@ -56,6 +57,7 @@ export class PanelModel {
   selected: string | null = null; // the job whose log is shown
   worker: string = ALL_WORKERS; // the worker the log is filtered to
   version = 0; // bumped on every change: the view redraws when it moved
+  private pinned = false; // the user chose the selected job
   private logs = new Map<string, LogLine[]>();
   private skipped = new Map<string, number>();
 
@@ -65,8 +67,13 @@ export class PanelModel {
       this.state = message.state;
       this.forgetOldLogs();
       if (this.selected === null || !this.job(this.selected)) {
-        const running = this.state?.jobs[0];
-        this.selected = running ? running.id : (this.state?.recent[0]?.id ?? null);
+        this.pinned = false; // the job the user chose is gone
+      }
+      if (!this.pinned) {
+        // follow the newest running job; when none runs, stay on the one shown, else the latest that ended
+        const running = this.state?.jobs[this.state.jobs.length - 1];
+        const stay = this.selected !== null && this.job(this.selected) ? this.selected : null;
+        this.selected = running ? running.id : (stay ?? this.state?.recent[0]?.id ?? null);
       }
     } else if (message.type === 'logs') {
       this.addLines(message.job, message.lines);
@@ -114,8 +121,10 @@ export class PanelModel {
     }
   }
 
+  /** The user's choice: kept until that job is forgotten (otherwise the newest running job is shown). */
   select(job: string | null): void {
     this.selected = job;
+    this.pinned = job !== null;
     this.worker = ALL_WORKERS;
     this.version++;
   }
@@ -159,12 +168,18 @@ export class PanelModel {
   }
 }
 
-/** Fraction of a job's submitted inputs that have an outcome. */
+/** Inputs in all if the client said, else those submitted so far. */
+export function total(job: IJob): number {
+  return job.total ?? job.submitted;
+}
+
+/** Fraction of a job's inputs that have an outcome. */
 export function progress(job: IJob): number {
-  if (job.state !== 'running') {
-    return job.submitted ? Math.min(job.done / job.submitted, 1) : 1;
+  const n = total(job);
+  if (!n) {
+    return job.state === 'running' ? 0 : 1;
   }
-  return job.submitted ? Math.min(job.done / job.submitted, 1) : 0;
+  return Math.min(job.done / n, 1);
 }
 
 export function duration(seconds: number): string {

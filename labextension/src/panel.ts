@@ -1,6 +1,6 @@
 import { Widget } from '@lumino/widgets';
 
-import { ALL_WORKERS, duration, IJob, Message, PanelModel, progress } from './model';
+import { ALL_WORKERS, duration, IJob, Message, PanelModel, progress, total } from './model';
 import { openEvents, requestAPI } from './request';
 
 const DRAW_INTERVAL = 100; // ms: a job streaming thousands of lines a second redraws ten times a second
@@ -107,13 +107,13 @@ export class BurlaPanel extends Widget {
   }
 
   private drawWorkers(): void {
-    const head = '<tr><th>worker</th><th>host</th><th>slots</th><th>cpu</th><th>ram</th><th>gpu</th><th>state</th></tr>';
-    this.workersTable.innerHTML = head;
+    this.workersTable.innerHTML = '<tr><th>worker</th><th>slots</th><th>has</th><th>state</th></tr>';
     for (const w of this.model.workers()) {
       const row = el('tr', 'burla-worker');
-      const state = w.preparing ? 'preparing environment' : w.busy ? 'busy' : 'idle';
-      for (const cell of [w.id, w.host, `${w.busy}/${w.slots} busy`, `${w.cpu}`, `${w.ram.toFixed(1)} GB`,
-        w.gpu.length ? w.gpu.join(', ') : '-', state]) {
+      row.title = `host ${w.host}${w.containers ? `, runs containers with ${w.containers}` : ''}`;
+      const state = w.preparing ? 'preparing env' : w.busy ? 'busy' : 'idle';
+      const has = `${w.cpu} cpu, ${w.ram.toFixed(0)} GB` + (w.gpu.length ? `, ${w.gpu.join(', ')}` : '');
+      for (const cell of [w.id, `${w.busy}/${w.slots} busy`, has, state]) {
         row.appendChild(el('td', '', cell));
       }
       this.workersTable.appendChild(row);
@@ -150,7 +150,7 @@ export class BurlaPanel extends Widget {
     fill.style.width = `${(progress(job) * 100).toFixed(1)}%`;
     bar.appendChild(fill);
     const counts = el('div', 'burla-counts',
-      `${job.done.toLocaleString()} / ${job.submitted.toLocaleString()} calls · ${job.failed} failed` +
+      `${job.done.toLocaleString()} / ${total(job).toLocaleString()} calls · ${job.failed} failed` +
       (job.state === 'running' ? ` · ${job.slots} slots` : ''));
     row.append(title, bar, counts);
     return row;

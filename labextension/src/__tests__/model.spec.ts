@@ -1,4 +1,4 @@
-import { ALL_WORKERS, duration, IJob, LogLine, MAX_LINES, PanelModel, progress } from '../model';
+import { ALL_WORKERS, duration, IJob, LogLine, MAX_LINES, PanelModel, progress, total } from '../model';
 
 function job(id: string, extra: Partial<IJob> = {}): IJob {
   return { id, done: 0, failed: 0, submitted: 10, queued: 0, slots: 2, elapsed: 1, state: 'running', ...extra };
@@ -13,13 +13,24 @@ function state(jobs: IJob[], recent: IJob[] = []) {
 }
 
 describe('PanelModel', () => {
-  it('selects the running job, then keeps the choice', () => {
+  it('selects the newest running job (the broker lists the oldest first), then keeps the choice', () => {
     const m = new PanelModel();
     m.apply(state([job('a'), job('b')]));
-    expect(m.selected).toBe('a');
-    m.select('b');
-    m.apply(state([job('a'), job('b')]));
     expect(m.selected).toBe('b');
+    m.select('a');
+    m.apply(state([job('a'), job('b')]));
+    expect(m.selected).toBe('a');
+  });
+
+  it('follows a new running job unless the user chose one', () => {
+    const m = new PanelModel();
+    m.apply(state([], [job('old', { state: 'done' })]));
+    expect(m.selected).toBe('old');
+    m.apply(state([job('new')], [job('old', { state: 'done' })]));
+    expect(m.selected).toBe('new');
+    m.select('old');
+    m.apply(state([job('new'), job('newer')], [job('old', { state: 'done' })]));
+    expect(m.selected).toBe('old');
   });
 
   it('falls back to the most recent job when the selected one is forgotten', () => {
@@ -82,6 +93,8 @@ describe('helpers', () => {
     expect(progress(job('a', { submitted: 0 }))).toBe(0);
     expect(progress(job('a', { submitted: 0, state: 'done' }))).toBe(1);
     expect(progress(job('a', { done: 12 }))).toBe(1);
+    expect(progress(job('a', { done: 5, total: 100 }))).toBe(0.05);
+    expect(total(job('a', { total: null }))).toBe(10);
   });
 
   it('formats durations', () => {
