@@ -23,6 +23,7 @@ PREFETCH = 2  # batches a slot may hold: one running, one waiting, so a slot nev
 MAX_ATTEMPTS = 3  # executor deaths while one input runs before that input fails with WorkerDiedError
 STOP_GRACE = 0.5  # seconds a cancelled call has to stop on SIGUSR1 before its executor is killed
 FUNCTION_CACHE = 32  # functions a slot keeps; the executor uses the same size and the same LRU order
+ENV_RETRY_AFTER = 60.0  # seconds before a worker that failed to prepare an environment is asked again
 ENV_KEY = re.compile(r"[0-9a-f]{16}(-[0-9a-f]{12})?|img-[0-9a-f]{16}")
 
 
@@ -91,12 +92,20 @@ class Worker:
         self.gpus = field(header, "gpu", list, [])
         self.env = field(header, "env", (str, type(None)))  # the key of the worker's own environment
         self.runtime = field(header, "ctr", (str, type(None)))  # container runtime: None, "?" (not known yet), name
+        self.failed_envs = {}  # environment key -> (why this worker could not prepare it, when)
         if not (0 < self.nslots <= 100_000 and self.cpu >= 0 and self.ram >= 0) or \
                 not all(isinstance(g, str) for g in self.gpus):
             raise P.ProtocolError("REGISTER with impossible resources")
         self.free_cpu, self.free_ram, self.free_gpus = self.cpu, self.ram, list(self.gpus)
         self.slots = set()
         self.last_seen = time.monotonic()
+
+    def env_failed(self, key):
+        """Why this worker could not prepare that environment lately (a minute: the cause may pass), or None."""
+        failed = self.failed_envs.get(key)
+        if failed is not None and time.monotonic() - failed[1] < ENV_RETRY_AFTER:
+            return failed[0]
+        return None
 
     def target(self, job):
         """The key of the environment the job's calls run in on this worker."""
@@ -105,10 +114,14 @@ class Worker:
     def could_fit(self, job):
         if job.image is not None and not self.runtime:  # ("?": it may, once it knows)
             return False
+        if self.env_failed(job.env_key):  # it tried to build the job's environment, and could not
+            return False
         return self.cpu >= job.cpu and self.ram >= job.ram and gpus_match(self.gpus, job.gpu)
 
     def fits(self, job):
         if job.image is not None and self.runtime in (None, "?"):
+            return False
+        if self.env_failed(job.env_key):
             return False
         return self.free_cpu >= job.cpu and self.free_ram >= job.ram and gpus_match(self.free_gpus, job.gpu)
 
@@ -255,11 +268,19 @@ class Broker:
             raise P.ProtocolError("SUBMIT of a job id already in use")
         self.clients[job.client_id] = time.monotonic()
         if self.workers and not any(w.could_fit(job) for w in self.workers.values()):
-            self.send(ident, P.REJECTED, {"j": job.id, "e": self.no_fit_message(job)})
+            self.send(ident, P.REJECTED, self.no_fit(job))
             return
         self.jobs[job.id] = job
         self.order.append(job.id)
         self.send(ident, P.ACCEPTED, {"j": job.id, "s": self.fitting_slots(job)})
+
+    def no_fit(self, job):
+        """The REJECTED for a job no worker can run: because of its environment, or of its needs."""
+        failures = [(w.id, w.env_failed(job.env_key)) for w in self.workers.values() if w.env_failed(job.env_key)]
+        if failures:
+            worker, why = failures[0]
+            return {"j": job.id, "t": "env", "e": f"worker {worker} could not prepare the job's environment:\n{why}"}
+        return {"j": job.id, "e": self.no_fit_message(job)}
 
     def no_fit_message(self, job):
         if job.image is not None and not any(w.runtime for w in self.workers.values()):
@@ -413,7 +434,7 @@ class Broker:
         self.dirty = True
         for job in list(self.jobs.values()):  # jobs that came before any worker: can this cluster run them?
             if job.done == 0 and not any(w.could_fit(job) for w in self.workers.values()):
-                self.send(job.client, P.REJECTED, {"j": job.id, "e": self.no_fit_message(job)})
+                self.send(job.client, P.REJECTED, self.no_fit(job))
                 self.drop_job(job.id)
         if old is None:
             log.info("worker %s joined from %s with %d slots", worker.id, worker.host, worker.nslots)
@@ -590,11 +611,13 @@ class Broker:
 
     def prepare_slots(self):
         """Work is waiting and no free slot has its environment: ask workers to switch idle slots over (building
-        the environment first if they must). A slot whose environment another waiting job wants is left alone,
-        so two jobs with different environments do not keep taking each other's slots."""
+        the environment first if they must). A slot in the environment of another job that runs or waits is left
+        alone, so two jobs with different environments do not keep taking each other's slots (the cost: such a
+        job waits for the other to finish, not for a share of the cluster)."""
         waiting = [j for j in self.jobs.values() if j.queue and (not j.par or len(j.slots) < j.par)]
         if not waiting:
             return
+        active = [j for j in self.jobs.values() if j.queue or j.slots]
         idle = [s for s in self.slots.values() if s.job is None and not s.inflight and not s.preparing]
         asks = {}  # (worker id, job id) -> slot names
         for job in waiting:
@@ -608,7 +631,7 @@ class Broker:
                     break
                 worker = self.workers.get(slot.worker_id)
                 if worker is None or not worker.fits(job) or slot.env == worker.target(job) or \
-                        any(slot.env == worker.target(other) for other in waiting):
+                        any(slot.env == worker.target(other) for other in active):
                     continue
                 idle.remove(slot)
                 slot.preparing = worker.target(job)
@@ -628,16 +651,17 @@ class Broker:
         key, state = field(h, "k", str), field(h, "st", str)
         for job in [j for j in self.jobs.values() if worker.target(j) == key]:
             self.send(job.client, P.ENV, dict(h, j=job.id))
-            if state == "failed":
-                self.send(job.client, P.REJECTED, {"j": job.id, "t": "env", "e": (
-                    f"worker {worker.id} could not prepare the job's environment:\n{h.get('m')}")})
-                self.drop_job(job.id)
         if state == "failed":
+            worker.failed_envs[key] = (str(h.get("m")), time.monotonic())  # not asked again; others may manage
             for name in worker.slots:
                 slot = self.slots.get(name)
                 if slot is not None and slot.preparing == key:
                     slot.preparing = None
             self.dirty = True
+        for job in [j for j in self.jobs.values() if worker.target(j) == key]:
+            if state == "failed" and not any(w.could_fit(job) for w in self.workers.values()):
+                self.send(job.client, P.REJECTED, self.no_fit(job))
+                self.drop_job(job.id)
 
     def send_task(self, slot, job, batch):
         header = dict(batch.header, d=job.digest)

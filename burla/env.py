@@ -48,6 +48,9 @@ class Environment:
         return {"k": self.key, "lock": self.lock, "py": self.interpreter}
 
 
+IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")  # never an option ("-..."), never two words
+
+
 def image(name=None, dockerfile=None):
     """The Environment of a container image: one by name, or one built from a Dockerfile (named by its content,
     so a changed file is a new image)."""
@@ -60,11 +63,18 @@ def image(name=None, dockerfile=None):
                 text = fh.read()
         except (OSError, TypeError) as e:
             raise ValueError(f"dockerfile must be the path of a Dockerfile: {e}") from None
-        name = "localhost/burla-job:" + hashlib.sha256(text.encode()).hexdigest()[:16]
-    if not isinstance(name, str) or not name.strip() or any(c.isspace() for c in name):
+        name = dockerfile_tag(text)
+    if not isinstance(name, str) or not IMAGE_NAME.fullmatch(name):
         raise ValueError(f"image must be an image name like 'python:3.11-slim', not {name!r}")
-    key = "img-" + hashlib.sha256(f"{name}\n{text}".encode()).hexdigest()[:16]
-    return Environment(key, "", interpreter(), image=name, dockerfile=text)
+    return Environment(image_key(name, text), "", interpreter(), image=name, dockerfile=text)
+
+
+def dockerfile_tag(text):
+    return "localhost/burla-job:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def image_key(name, dockerfile=""):
+    return "img-" + hashlib.sha256(f"{name}\n{dockerfile}".encode()).hexdigest()[:16]
 
 
 def interpreter():
@@ -134,7 +144,9 @@ def origin(dist):
         return None
     url = info["url"]
     if url.startswith("file:"):
-        return "local"
+        # a folder (editable or not) is the user's own code: it travels with the job. A wheel or sdist file
+        # installed by path is pinned by name and version like one from an index.
+        return "local" if "dir_info" in info else None
     vcs = info.get("vcs_info")
     if vcs:
         return f"{vcs['vcs']}+{url}@{vcs.get('commit_id') or vcs.get('requested_revision') or ''}".rstrip("@")
@@ -153,6 +165,15 @@ def current():
         env = cached[1]
         if not env.archive or _current.get("archive_stamp") == _archive_stamp(_current["local"]):
             return env
+    pins, local = pins_and_local(path)
+    trees = _local_trees(local)
+    env = make(pins, _archive(trees))
+    _current.update(env=(stamp, env), local=trees, archive_stamp=_archive_stamp(trees))
+    return env
+
+
+def pins_and_local(path=None):
+    """(requirement lines, distributions installed from a local folder) of this interpreter's environment."""
     pins, local = [], []
     for name, (version, dist) in installed(path).items():
         if name in UNPINNED:
@@ -164,10 +185,7 @@ def current():
             pins.append(f"{name} @ {where}")
         else:
             pins.append(f"{name}=={version}")
-    trees = _local_trees(local)
-    env = make(pins, _archive(trees))
-    _current.update(env=(stamp, env), local=trees, archive_stamp=_archive_stamp(trees))
-    return env
+    return pins, local
 
 
 def _top_level_names(dist):
@@ -311,7 +329,7 @@ def _compile(packages):
             raise EnvironmentBuildError(f"resolving packages={packages!r} took over 10 minutes") from None
     if done.returncode != 0:
         raise EnvironmentBuildError(f"could not resolve packages={packages!r}:\n{installer_message(done.stderr)}")
-    lines = [line.split("#")[0].strip() for line in done.stdout.splitlines()]
+    lines = [re.split(r"(^|\s)#", line)[0].strip() for line in done.stdout.splitlines()]  # (not url#fragments)
     return [line for line in lines if line and not line.startswith("-")]
 
 

@@ -16,8 +16,8 @@ VERSION = b"B1"
 
 # client -> broker
 SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, n: inputs (if known), cpu, ram, gpu, par, o: options,
-#                env?: {k: key, lock,
-#                py: interpreter} (see burla.env; absent: each worker's own environment), img?: container image}
+#                env?: {k: key, lock, py: interpreter} or {k: "img-...", img: container image, df?: Dockerfile}
+#                (see burla.env; absent: each worker's own environment)
 #                payload: [function, local packages zip (when the env key has an archive digest)]
 # options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job}
 BATCH = b"B"  # {j, i, n, z: compressed flags}  payload: pickled inputs
@@ -36,7 +36,7 @@ RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [er
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid, env: its own environment's key,
-#                  ctr: container runtime it can run images with, or None}
+#                  ctr: container runtime it can run images with, None, or "?" while it finds out}
 ENV = b"V"  # {w, k: env key, st: "step" | "ready" | "failed", m: what is happening, t: seconds since it began}
 #             the broker passes it on to the clients of the jobs with that environment, adding j
 SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running,

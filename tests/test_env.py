@@ -51,6 +51,8 @@ class House:
         wheels.make_wheel(self.wheels, "burlatest_a", "1.0", requires=["burlatest_b"])
         for version in ("2.0", "3.0"):
             wheels.make_wheel(self.wheels, "burlatest_b", version)
+        # a "msgpack" that cannot be imported: pinning it breaks what burla's executors run on
+        wheels.make_wheel(self.wheels, "msgpack", "0.0.1", code="raise ImportError('this msgpack is broken')\n")
         elsewhere = root / "elsewhere"
         elsewhere.mkdir()
         self.site = root / "client-site"
@@ -215,3 +217,32 @@ def test_worker_refuses_a_lock_for_another_python(tmp_path):
     with pytest.raises(EnvironmentBuildError, match="does not match its lock"):  # a key must name its lock
         cache.prepare({"k": key, "lock": "six==1.17.0\n", "py": py}, b"", print)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_executors_that_cannot_start_fail_the_job(house, tmp_path):
+    with env_cluster(house, tmp_path / "cache") as c:
+        broken = house.run(c.address, packages=["msgpack==0.0.1"])
+        assert broken.returncode != 0 and "call " not in broken.stdout
+        assert "EnvironmentBuildError" in broken.stderr
+        assert "executors could not start in this environment" in broken.stderr
+        # the slots went back to the worker's own environment, and the next job runs
+        assert all(found == NOTHING for found, _, _ in outputs(house.run(c.address, packages=[])))
+
+
+def test_packages_installed_on_the_worker_while_it_runs_become_its_own(house, tmp_path):
+    """The embedded cluster's case: a `pip install` in the notebook changes the worker's own environment too."""
+    site = tmp_path / "shared-site"
+    site.mkdir()
+    with broker_only() as c:
+        c.env.update(house.pip_env, PYTHONPATH=f"{c.env['PYTHONPATH']}:{site}")
+        c.start_worker("w1", 2, "--env-cache", str(tmp_path / "cache"), "--containers", "none")
+        c.wait_for(1, slots=2)
+        wheels.install(house.wheels / "burlatest_b-2.0-py3-none-any.whl", site)  # after the worker started
+        done = house.run(c.address, site=[site])
+        results = outputs(done)
+        assert all(found == dict(NOTHING, burlatest_b="2.0") for found, _, _ in results)
+        assert not any(prefix.startswith(str(tmp_path / "cache")) for _, prefix, _ in results)  # nothing built
+        assert "environment" not in done.stderr
+        # and the broker knows: a job in "the worker's own environment" runs there, not in a loop of restarts
+        assert all(found == dict(NOTHING, burlatest_b="2.0") for found, _, _ in
+                   outputs(house.run(c.address, packages=[], site=[site], timeout=30)))

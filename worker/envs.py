@@ -115,7 +115,10 @@ class EnvCache:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         self.budget = budget_gb * 1e9
         self.own = E.installed()  # the worker's own distributions: what it can link instead of download
-        self.in_use = {}  # lock hash -> fd holding a shared flock
+        self.lock = threading.Lock()  # preparations run in threads; the worker's loop calls use()
+        self.in_use = {}  # lock hash -> fd holding a shared flock: eviction leaves these alone
+        self.fresh = {}  # lock hash -> when prepared: held until the slots switch into it (see use)
+        self.sweep()
 
     # ------------------------------------------------------------------------------------------ preparing
     def prepare(self, header, archive, say):
@@ -131,13 +134,16 @@ class EnvCache:
                 f"the job's packages were pinned on {py}, and this worker runs {E.interpreter()}: run the client "
                 "on the same Python version as the workers")
         venv = os.path.join(self.root, lock_hash)
-        hit = os.path.exists(os.path.join(venv, DONE))
+        hit = self.hold(lock_hash)  # held from here on: no eviction between finding it and using it
         if not hit:
             with flock(venv + ".build", fcntl.LOCK_EX):
                 if os.path.exists(os.path.join(venv, DONE)):
                     say("built by another worker on this host")
                 else:
                     self.build(venv, lock, say)
+            if not self.hold(lock_hash):
+                raise EnvironmentBuildError("the environment was deleted as soon as it was built (is the cache "
+                                            "folder shared with a worker whose budget is too small?)")
         os.utime(os.path.join(venv, DONE))  # least recently used goes first
         path = self.unpack(digest, archive) if digest else ""
         return Prepared(key, os.path.join(venv, "bin", "python"), path, hit)
@@ -145,9 +151,15 @@ class EnvCache:
     def prepare_image(self, header, tool, say):
         """A container image for a job: pulled, or built from its Dockerfile, once; its Python must be the
         worker's, since burla and the packages it runs on are mounted into it from the worker's environment."""
-        name, dockerfile = header.get("img"), header.get("df")
-        if not isinstance(name, str) or not name:
-            raise EnvironmentBuildError("the job names no image")
+        name, dockerfile = header.get("img"), header.get("df") or ""
+        if not isinstance(name, str) or not E.IMAGE_NAME.fullmatch(name) or not isinstance(dockerfile, str):
+            raise EnvironmentBuildError(f"not an image name: {name!r}")
+        # The key must name this image (and this Dockerfile), and a Dockerfile's tag its content: otherwise one
+        # client could put its own image under another's key or tag.
+        if E.image_key(name, dockerfile) != header.get("k"):
+            raise EnvironmentBuildError("the job's environment key does not match its image")
+        if dockerfile and name != E.dockerfile_tag(dockerfile):
+            raise EnvironmentBuildError("the image of a Dockerfile must be named by its content")
         hit = subprocess.run([tool, "image", "inspect", name], capture_output=True, timeout=60).returncode == 0
         if not hit and dockerfile:
             say(f"building image {name} from the job's Dockerfile with {tool}")
@@ -271,14 +283,32 @@ class EnvCache:
         return folder
 
     # ------------------------------------------------------------------------------------------ use and eviction
+    def hold(self, lock_hash):
+        """Take a shared lock on a complete environment (False if there is none), so that eviction leaves it be."""
+        if isinstance(lock_hash, Prepared):
+            lock_hash = lock_hash.key.partition("-")[0]
+        with self.lock:
+            if lock_hash not in self.in_use:
+                fd = os.open(os.path.join(self.root, lock_hash + ".use"), os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_SH)  # an evictor holds it exclusively only while it renames
+                if not os.path.exists(os.path.join(self.root, lock_hash, DONE)):
+                    os.close(fd)
+                    return False
+                self.in_use[lock_hash] = fd
+            self.fresh[lock_hash] = time.monotonic()
+            return True
+
     def use(self, lock_hashes):
-        """Hold a shared lock on each environment executors of this worker run in, and only those."""
-        for h in set(self.in_use) - set(lock_hashes):
-            os.close(self.in_use.pop(h))
-        for h in set(lock_hashes) - set(self.in_use):
-            fd = os.open(os.path.join(self.root, h + ".use"), os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            self.in_use[h] = fd
+        """Keep holding the environments executors of this worker run in, and those just prepared for slots that
+        are about to switch; let go of the rest."""
+        with self.lock:
+            now = time.monotonic()
+            for h in set(lock_hashes):
+                self.fresh.pop(h, None)
+            keep = set(lock_hashes) | {h for h, when in self.fresh.items() if now - when < 60}
+            for h in set(self.in_use) - keep:
+                os.close(self.in_use.pop(h))
+                self.fresh.pop(h, None)
 
     def entries(self):
         """(last used, size, lock hash) of each complete environment."""
@@ -312,14 +342,23 @@ class EnvCache:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                continue  # some worker's executors run in it
+                continue  # some worker holds it: its executors run in it, or are about to
             try:
+                if not os.path.exists(os.path.join(self.root, name, DONE)):
+                    continue  # gone already
                 trash = tempfile.mkdtemp(prefix=".evicted-", dir=self.root)
                 os.rename(os.path.join(self.root, name), os.path.join(trash, name))
-                shutil.rmtree(trash, ignore_errors=True)
-                total -= size
             finally:
-                os.close(fd)
+                os.close(fd)  # unlocked before the slow part: a worker taking a hold must not wait on rmtree
+            shutil.rmtree(trash, ignore_errors=True)
+            total -= size
+
+    def sweep(self):
+        """Remove what workers that died while building or evicting left behind (a build runs under an hour)."""
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if name.startswith((".build-", ".evicted-")) and time.time() - os.stat(path).st_mtime > 3600:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def requirement_names(dist):

@@ -40,6 +40,7 @@ class Slot:
         self.where_path = os.path.join(folder, f"slot-{index}.where")
         self.where = open(self.where_path, "w+b")  # the executor's P.WHERE record, read when it dies
         self.env = None  # the envs.Prepared environment its executor runs in; None: the worker's own
+        self.early_deaths = 0  # executor deaths within a second of starting, in a row
         self.clear_where()
 
     def read_where(self):
@@ -58,6 +59,15 @@ class Slot:
             os.kill(self.pid, signum)  # in a container: its runtime's client passes the signal on
         except (ProcessLookupError, TypeError):
             pass
+
+
+def own_key():
+    """The key of the worker's own environment (see burla.env). Local packages too big to ship only leave the
+    archive out: a worker must start whatever it has installed."""
+    try:
+        return E.current().key
+    except EnvironmentBuildError:
+        return E.make(E.pins_and_local()[0]).key
 
 
 def container_runtime(choice="auto"):
@@ -108,7 +118,7 @@ class Worker:
         self.slots = [Slot(k, self.folder) for k in range(self.nslots)]
         self.env_cache, self.env_cache_gb, self.envs = env_cache, env_cache_gb, None  # envs.EnvCache, made on use
         self.envs_lock = threading.Lock()
-        self.own_env = E.current().key
+        self.own_env = own_key()
         # a container runtime: "?" while a thread asks docker or podman whether they answer (that takes a while)
         self.runtime = None if containers == "none" else "?"
         self.prepared = {}  # env key -> envs.Prepared
@@ -215,6 +225,7 @@ class Worker:
         return os.waitstatus_to_exitcode(status)
 
     def reap(self):
+        respawn, failed = [], set()
         for slot in self.slots:
             code = self.exit_code(slot)
             if code is None:
@@ -229,8 +240,25 @@ class Worker:
             slot.clear_where()
             P.send(self.sock, P.SLOT_DIED, died)
             log.warning("executor %d exited with %s; restarting it", slot.index, code)
-            if time.monotonic() - slot.started < 1.0:
-                time.sleep(0.5)  # do not spin on an executor that cannot start
+            early = time.monotonic() - slot.started < 1.0
+            slot.early_deaths = slot.early_deaths + 1 if early else 0
+            if early and slot.env is not None and slot.early_deaths >= 3 and slot.env.key in self.prepared:
+                # it cannot start there (an image without a usable Python, a pin that breaks burla): say so, so
+                # the jobs waiting for that environment end, and go back to the worker's own
+                del self.prepared[slot.env.key]
+                failed.add(slot.env.key)
+                P.send(self.sock, P.ENV, {"w": self.id, "k": slot.env.key, "st": "failed", "t": 0.0, "m": (
+                    f"executors could not start in this environment (exit code {code}, 3 times in a row); "
+                    "the worker's log says why")})
+            respawn.append(slot)
+        for slot in self.slots:
+            if slot.env is not None and slot.env.key in failed:
+                slot.env, slot.early_deaths = None, 0
+                if slot not in respawn:
+                    self.restart_slot(slot, None)
+        if any(slot.early_deaths for slot in respawn):
+            time.sleep(0.5)  # do not spin on an executor that cannot start
+        for slot in respawn:
             self.start_slot(slot, fork=False)
 
     def kill_overdue(self):
@@ -286,12 +314,16 @@ class Worker:
         spec = header.get("e") if isinstance(header.get("e"), dict) else {}
         key = spec.get("k")
         slots = [s for s in map(self.slot_named, header.get("s") or ()) if s is not None]
-        if spec.get("own") or key == self.own_env or key == E.current().key:
-            self.own_env = E.current().key  # packages installed since the worker started count as its own
+        current = own_key()
+        if spec.get("own") or key == self.own_env or key == current:
+            if current != self.own_env:  # packages installed since the worker started count as its own
+                self.own_env = current
+                self.register()  # the broker must match jobs against the new key, or it asks again forever
             self.switch(slots, None)
             return
-        if key in self.prepared and (self.prepared[key].image or os.path.exists(self.prepared[key].python)):
-            self.switch(slots, self.prepared[key])
+        prepared = self.prepared.get(key)
+        if prepared is not None and (prepared.image or self.envs.hold(prepared)):  # (not evicted since)
+            self.switch(slots, prepared)
             return
         if key not in self.building:
             self.building[key] = set()
@@ -361,7 +393,12 @@ class Worker:
             except ChildProcessError:
                 pass
         slot.clear_where()
-        self.start_slot(slot, fork=False)
+        try:
+            self.start_slot(slot, fork=False)
+        except OSError as e:  # its environment vanished (evicted by hand, a disk error): the worker's own
+            log.warning("could not start executor %d in environment %s: %s", slot.index, prepared.key, e)
+            slot.env = None
+            self.start_slot(slot, fork=False)
 
     def switch(self, slots, prepared):
         """Restart slots in an environment; then the cache may evict the ones no executor uses any more."""
@@ -369,7 +406,7 @@ class Worker:
             self.restart_slot(slot, prepared)
         if self.envs is not None:
             used = {s.env.key.partition("-")[0] for s in self.slots if s.env is not None and not s.env.image}
-            self.envs.use(used)
+            self.envs.use(used)  # (releases the hold the preparation took on the environments now unused)
             threading.Thread(target=self.envs.evict, args=(used,), daemon=True, name="burla-evict").start()
 
     def slot_named(self, name):
@@ -450,6 +487,8 @@ class Worker:
     def rejoin(self):
         self.register()
         self.tell_executors(b"R")
+        for slots in self.building.values():  # the broker no longer holds those slots for the environment: they
+            slots.clear()                      # may be busy by the time it is ready
 
 
 def main(broker, slots=None, cpu=None, ram=None, gpus=(), name=None, parent_fd=None, token=None, env_cache=None,
