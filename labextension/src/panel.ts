@@ -107,13 +107,16 @@ export class BurlaPanel extends Widget {
   }
 
   private drawWorkers(): void {
-    this.workersTable.innerHTML = '<tr><th>worker</th><th>slots</th><th>has</th><th>state</th></tr>';
+    this.workersTable.innerHTML = '<tr><th>worker / host</th><th>slots</th><th>has</th><th>state</th></tr>';
     for (const w of this.model.workers()) {
       const row = el('tr', 'burla-worker');
       row.title = `host ${w.host}${w.containers ? `, runs containers with ${w.containers}` : ''}`;
       const state = w.preparing ? 'preparing env' : w.busy ? 'busy' : 'idle';
       const has = `${w.cpu} cpu, ${w.ram.toFixed(0)} GB` + (w.gpu.length ? `, ${w.gpu.join(', ')}` : '');
-      for (const cell of [w.id, `${w.busy}/${w.slots} busy`, has, state]) {
+      const name = el('td', '', w.id);
+      name.appendChild(el('div', 'burla-host', w.host));
+      row.appendChild(name);
+      for (const cell of [`${w.busy}/${w.slots} busy`, has, state]) {
         row.appendChild(el('td', '', cell));
       }
       this.workersTable.appendChild(row);
