@@ -1,4 +1,4 @@
-"""The burla command: burla broker | worker | status."""
+"""The burla command: burla broker | worker | login | status | cluster up/down/status."""
 
 import argparse
 import sys
@@ -55,6 +55,30 @@ def main(argv=None):
     p.add_argument("--api-key", help="API key (default: $BURLA_API_KEY or ~/.burla/config.toml)")
     p.add_argument("--json", action="store_true", help="print the raw state as JSON")
 
+    p = sub.add_parser("cluster", help="a cluster of VMs on Google Compute Engine")
+    csub = p.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--provider", choices=["gce"], default="gce")
+    common.add_argument("--project", required=True, help="the Google Cloud project")
+    common.add_argument("--name", default="burla", help="the cluster's name: its VMs' label (default %(default)s)")
+    c = csub.add_parser("up", parents=[common], help="create a head VM (broker) and worker VMs")
+    c.add_argument("--zone", required=True, help="e.g. us-central1-a")
+    c.add_argument("--workers", type=int, required=True, help="worker VMs (each runs a slot per core)")
+    c.add_argument("--machine-type", default="n2-standard-4")
+    c.add_argument("--spot", action="store_true", help="spot VMs (a preempted worker's work runs again elsewhere)")
+    c.add_argument("--gpu", help="accelerators per worker, TYPE:COUNT, e.g. nvidia-tesla-t4:1")
+    c.add_argument("--disk-gb", type=int, default=50)
+    c.add_argument("--zone-fallback", action="store_true", help="if a zone has no room, try the region's others")
+    c.add_argument("--idle-minutes", type=float, help="delete worker VMs idle this long (a reaper on the head)")
+    c.add_argument("--registry", default=None,
+                   help="where REGISTRY/burla-broker:VERSION and REGISTRY/burla-worker:VERSION are (built from "
+                        "broker/Dockerfile and worker/Dockerfile; default: burla's releases)")
+    csub.add_parser("down", parents=[common], help="delete every VM of the cluster")
+    csub.add_parser("status", parents=[common], help="list the cluster's VMs and their state")
+    c = csub.add_parser("reaper", parents=[common], help=argparse.SUPPRESS)  # runs on the head VM
+    c.add_argument("--idle-minutes", type=float, required=True)
+    c.add_argument("--state-dir", default="/state")
+
     args = parser.parse_args(argv)
     if args.command == "broker":
         return broker(args)
@@ -85,6 +109,8 @@ def main(argv=None):
         print(f"saved to {config.save(cluster=args.cluster, api_key=args.api_key)}")
     elif args.command == "status":
         return status(args)
+    elif args.command == "cluster":
+        return cluster(args, parser)
 
 
 def broker(args):
@@ -142,6 +168,52 @@ def status(args):
         print(f"  job {j['id']}  done {j['done']}/{j['submitted']}  queued {j['queued']}  "
               f"slots {j['slots']}  {j['elapsed']:.1f} s")
     return 0
+
+
+def cluster(args, parser):
+    from burla import gce
+
+    try:
+        if args.action == "up":
+            if args.workers < 0:
+                parser.error("--workers must be 0 or more")
+            gce.up(args.project, args.zone, args.workers, args.machine_type, args.name, args.spot, args.gpu,
+                   args.disk_gb, args.zone_fallback, args.idle_minutes, args.registry or gce.REGISTRY)
+        elif args.action == "down":
+            print(f"deleted {gce.down(args.project, args.name)} VM(s) of cluster {args.name}")
+        elif args.action == "status":
+            rows = gce.status(args.project, args.name)
+            if not rows:
+                print(f"cluster {args.name}: no VMs in project {args.project}")
+            for name, role, zone, state, internal, external in rows:
+                print(f"{name:<24} {role:<7} {zone:<16} {state:<12} {internal:<15} {external}")
+        elif args.action == "reaper":
+            return reaper(args)
+    except gce.CloudError as e:
+        print(f"burla cluster {args.action}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def reaper(args):
+    """On the head VM: delete worker VMs idle for --idle-minutes (checked every 30 s)."""
+    import time
+
+    from burla import gce
+    from burla.client import cluster_state
+    from burla.security import BrokerKeys
+
+    key = BrokerKeys(args.state_dir).api_keys[0]
+    idle_since = {}
+    while True:
+        try:
+            for name in gce.reap(args.project, args.name, args.idle_minutes * 60,
+                                 lambda: cluster_state(f"tcp://127.0.0.1:{gce.PORT}", api_key=key),
+                                 idle_since=idle_since):
+                print(f"deleted idle worker VM {name}", flush=True)
+        except (gce.CloudError, TimeoutError) as e:
+            print(f"reaper: {e}", file=sys.stderr, flush=True)
+        time.sleep(30)
 
 
 if __name__ == "__main__":

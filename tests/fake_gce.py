@@ -1,0 +1,153 @@
+"""A local fake of the Compute Engine REST API (the parts burla uses), on loopback, for tests: instances (insert,
+get, list, aggregated list with a label filter, delete), zone and global operations (get, wait), regions (get)
+and firewalls (get, insert). Failures are injected per zone or per call:
+
+    fake.exhausted.add("us-central1-a")    inserts there end in an operation error ZONE_RESOURCE_POOL_EXHAUSTED
+    fake.quota_after = 3                   the 4th VM insert is refused: 403 quotaExceeded
+    fake.transient = 2                     the next 2 requests answer 503
+"""
+
+import itertools
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ZONES = {"us-central1": ["us-central1-a", "us-central1-b", "us-central1-c"], "europe-west4": ["europe-west4-a"]}
+
+
+class FakeCompute:
+    def __init__(self):
+        self.instances = {}  # (zone, name) -> instance JSON
+        self.operations = {}  # name -> operation JSON
+        self.firewalls = {}
+        self.exhausted, self.quota_after, self.transient = set(), None, 0
+        self.requests = []  # (method, path) of every request
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def vms(self):
+        return sorted(self.instances.values(), key=lambda i: i["name"])
+
+    # ------------------------------------------------------------------ the API
+    def operation(self, project, zone, target, error=None):
+        name = f"operation-{next(self.ids)}"
+        op = {"kind": "compute#operation", "name": name, "status": "DONE", "progress": 100,
+              "targetLink": target, "selfLink": f"projects/{project}/zones/{zone}/operations/{name}"}
+        if zone:
+            op["zone"] = f"https://www.googleapis.com/compute/v1/projects/{project}/zones/{zone}"
+        if error:
+            op["error"] = {"errors": [error]}
+            op["httpErrorStatusCode"] = 503
+        self.operations[name] = op
+        return op
+
+    def insert(self, project, zone, body):
+        if self.quota_after is not None and len(self.instances) >= self.quota_after:
+            return 403, {"error": {"code": 403, "message": "Quota 'CPUS' exceeded.  Limit: 8.0 in region "
+                                   f"{zone.rsplit('-', 1)[0]}.", "errors": [{"reason": "quotaExceeded",
+                                                                             "message": "Quota 'CPUS' exceeded."}]}}
+        name = body["name"]
+        target = f"projects/{project}/zones/{zone}/instances/{name}"
+        if zone in self.exhausted:
+            return 200, self.operation(project, zone, target, {
+                "code": "ZONE_RESOURCE_POOL_EXHAUSTED",
+                "message": f"The zone 'projects/{project}/zones/{zone}' does not have enough resources available "
+                           "to fulfill the request. Try a different zone, or try again later."})
+        if (zone, name) in self.instances:
+            return 409, {"error": {"code": 409, "message": f"The resource '{target}' already exists"}}
+        n = next(self.ids)
+        instance = dict(body, id=str(n), status="RUNNING", zone=f"https://www.googleapis.com/compute/v1/projects/"
+                        f"{project}/zones/{zone}", selfLink=target)
+        for nic in instance.get("networkInterfaces", []):
+            nic["networkIP"] = f"10.0.0.{n}"
+            for access in nic.get("accessConfigs", []):
+                access["natIP"] = f"203.0.113.{n}"
+        self.instances[(zone, name)] = instance
+        return 200, self.operation(project, zone, target)
+
+    def route(self, method, path, query, body):
+        if self.transient > 0:
+            self.transient -= 1
+            return 503, {"error": {"code": 503, "message": "Backend Error (injected)"}}
+        m = re.fullmatch(r"/compute/v1/projects/([^/]+)/(.*)", path)
+        if not m:
+            return 404, {"error": {"code": 404, "message": f"no such path {path}"}}
+        project, rest = m.groups()
+        if m2 := re.fullmatch(r"zones/([^/]+)/instances", rest):
+            zone = m2.group(1)
+            if method == "POST":
+                return self.insert(project, zone, body)
+            return 200, {"items": [i for (z, _), i in self.instances.items() if z == zone and matches(i, query)]}
+        if m2 := re.fullmatch(r"zones/([^/]+)/instances/([^/]+)", rest):
+            zone, name = m2.groups()
+            if (zone, name) not in self.instances:
+                return 404, {"error": {"code": 404, "message": f"The resource '{name}' was not found"}}
+            if method == "DELETE":
+                del self.instances[(zone, name)]
+                return 200, self.operation(project, zone, f"projects/{project}/zones/{zone}/instances/{name}")
+            return 200, self.instances[(zone, name)]
+        if rest == "aggregated/instances":
+            items = {}
+            for (zone, _), i in self.instances.items():
+                if matches(i, query):
+                    items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(i)
+            return 200, {"items": items}
+        if m2 := re.fullmatch(r"(?:zones/[^/]+|global)/operations/([^/]+)(/wait)?", rest):
+            op = self.operations.get(m2.group(1))
+            return (200, op) if op else (404, {"error": {"code": 404, "message": "no such operation"}})
+        if m2 := re.fullmatch(r"regions/([^/]+)", rest):
+            region = m2.group(1)
+            zones = [f"https://www.googleapis.com/compute/v1/projects/{project}/zones/{z}"
+                     for z in ZONES.get(region, [])]
+            if not zones:
+                return 404, {"error": {"code": 404, "message": "no such region"}}
+            return 200, {"name": region, "zones": zones}
+        if rest == "global/firewalls" and method == "POST":
+            self.firewalls[body["name"]] = body
+            return 200, self.operation(project, None, f"projects/{project}/global/firewalls/{body['name']}")
+        if m2 := re.fullmatch(r"global/firewalls/([^/]+)", rest):
+            fw = self.firewalls.get(m2.group(1))
+            return (200, fw) if fw else (404, {"error": {"code": 404, "message": "no such firewall"}})
+        return 404, {"error": {"code": 404, "message": f"not faked: {method} {path}"}}
+
+    def handler(fake):
+        class Handler(BaseHTTPRequestHandler):
+            def do(self):
+                path, _, query = self.path.partition("?")
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"null") if length else None
+                with fake.lock:
+                    fake.requests.append((self.command, path))
+                    status, answer = fake.route(self.command, path, query, body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = do
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+
+def matches(instance, query):
+    """The label filter burla sends: filter=labels.KEY%3DVALUE (or `labels.KEY = VALUE`)."""
+    from urllib.parse import parse_qs
+
+    for text in parse_qs(query).get("filter", []):
+        m = re.fullmatch(r"\s*labels\.([\w-]+)\s*=\s*\"?([\w-]+)\"?\s*", text)
+        if m and instance.get("labels", {}).get(m.group(1)) != m.group(2):
+            return False
+    return True
