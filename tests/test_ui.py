@@ -44,7 +44,17 @@ def free_port():
 
 @pytest.fixture
 def lab(tmp_path, cluster):
-    """JupyterLab on loopback with the built panel and the server extension, its kernels using the test cluster."""
+    yield from start_lab(tmp_path, {"BURLA_CLUSTER": cluster.address})
+
+
+@pytest.fixture
+def lab_without_cluster(tmp_path):
+    yield from start_lab(tmp_path, {"BURLA_CLUSTER": "", "BURLA_CONFIG": str(tmp_path / "none.toml"),
+                                    "TMPDIR": str(tmp_path)})
+
+
+def start_lab(tmp_path, burla_env):
+    """JupyterLab on loopback with the built panel and the server extension; its kernels get burla_env."""
     data = tmp_path / "jupyter-path" / "labextensions"
     data.mkdir(parents=True)
     (data / "burla-labextension").symlink_to(BUILT)
@@ -66,7 +76,7 @@ def lab(tmp_path, cluster):
     nbformat.write(nb, notebooks / "job.ipynb")
     port = free_port()
     env = dict(os.environ, JUPYTER_PATH=str(tmp_path / "jupyter-path"), JUPYTER_CONFIG_DIR=str(config),
-               BURLA_CLUSTER=cluster.address, HOME=str(tmp_path))
+               HOME=str(tmp_path), **burla_env)
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
          f"--ServerApp.token={TOKEN}", f"--ServerApp.root_dir={notebooks}", "--LabApp.news_url=",
@@ -96,9 +106,7 @@ def lab(tmp_path, cluster):
 
 def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path):
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"{lab}/lab/tree/job.ipynb?token={TOKEN}")
@@ -130,6 +138,32 @@ def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path):
             browser.close()
 
 
+def launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"])
+
+
+def test_start_and_stop_the_local_cluster_from_the_panel(lab_without_cluster):
+    with sync_playwright() as p:
+        browser = launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{lab_without_cluster}/lab?token={TOKEN}")
+            page.locator('.jp-LabShell [data-id="burla-panel"]').click(timeout=60_000)
+            panel = page.locator("#burla-panel")
+            expect(panel.locator(".burla-cluster")).to_contain_text("not connected: no cluster", timeout=20_000)
+            panel.locator(".burla-start").click()
+            expect(panel.locator(".burla-cluster")).to_contain_text("connected to local cluster ipc://",
+                                                                    timeout=20_000)
+            expect(panel.locator(".burla-worker")).to_contain_text("local", timeout=20_000)
+            panel.locator(".burla-stop").click()
+            expect(panel.locator(".burla-cluster")).to_contain_text("no cluster", timeout=20_000)
+            expect(panel.locator(".burla-start")).to_be_visible()
+        finally:
+            browser.close()
+
+
 def test_panel_keeps_up_with_a_big_job(lab, cluster):
     """A job of 100,000 calls that each print a line: the page keeps drawing (no long freeze of its main thread)
     and the panel ends at 100,000 done."""
@@ -138,9 +172,7 @@ def test_panel_keeps_up_with_a_big_job(lab, cluster):
     from burla import remote_parallel_map
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = launch(p)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.goto(f"{lab}/lab?token={TOKEN}")
