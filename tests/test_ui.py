@@ -1,6 +1,7 @@
 """The JupyterLab panel in a real JupyterLab, driven in headless Chromium (Debian's) by Playwright: open the panel,
 run a job from a notebook, see workers, progress and log lines appear, then cancel the job from the panel."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,63 +106,57 @@ def start_lab(tmp_path, burla_env):
 
 
 def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path):
+    with panel_page(lab, "lab/tree/job.ipynb") as (page, panel):
+        expect(panel.locator(".burla-cluster")).to_contain_text(f"connected to {cluster.address}", timeout=20_000)
+        expect(panel.locator(".burla-worker")).to_contain_text("w1")
+
+        page.locator(".jp-Notebook .jp-Cell .cm-content").first.click(timeout=60_000)
+        page.keyboard.press("Shift+Enter")  # run the cell: the job starts in the notebook's kernel
+        running = panel.locator(".burla-job-running")
+        expect(running).to_be_visible(timeout=60_000)
+        expect(panel.locator(".burla-log")).to_contain_text("ui line", timeout=20_000)
+        expect(panel.locator(".burla-worker")).to_contain_text("2/2 busy")
+        expect(running.locator(".burla-counts")).to_contain_text(" / 60 calls", timeout=10_000)
+        time.sleep(1.5)  # some progress to show
+        page.screenshot(path=str(tmp_path / "panel.png"))  # the notebook's own view beside the panel
+        if SCREENSHOT:
+            shutil.copy(tmp_path / "panel.png", SCREENSHOT)
+
+        running.locator(".burla-cancel").click()
+        expect(panel.locator(".burla-job-cancelled")).to_be_visible(timeout=10_000)
+        expect(page.locator(".jp-Cell .jp-OutputArea").first).to_contain_text("JobCancelledError", timeout=10_000)
+        deadline = time.monotonic() + 5
+        while cluster_state(cluster.address)["workers"][0]["busy"]:
+            assert time.monotonic() < deadline, "cancelling from the panel did not free the slots"
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def panel_page(lab, path="lab"):
+    """Headless Chromium on a JupyterLab page with the Burla panel open: (page, panel)."""
     with sync_playwright() as p:
-        browser = launch(p)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{lab}/lab/tree/job.ipynb?token={TOKEN}")
+            page.goto(f"{lab}/{path}?token={TOKEN}")
             page.locator('.jp-LabShell [data-id="burla-panel"]').click(timeout=60_000)  # the sidebar tab
-            panel = page.locator("#burla-panel")
-            expect(panel.locator(".burla-cluster")).to_contain_text(f"connected to {cluster.address}", timeout=20_000)
-            expect(panel.locator(".burla-worker")).to_contain_text("w1")
-
-            page.locator(".jp-Notebook .jp-Cell .cm-content").first.click(timeout=60_000)
-            page.keyboard.press("Shift+Enter")  # run the cell: the job starts in the notebook's kernel
-            running = panel.locator(".burla-job-running")
-            expect(running).to_be_visible(timeout=60_000)
-            expect(panel.locator(".burla-log")).to_contain_text("ui line", timeout=20_000)
-            expect(panel.locator(".burla-worker")).to_contain_text("2/2 busy")
-            expect(running.locator(".burla-counts")).to_contain_text(" / 60 calls", timeout=10_000)
-            time.sleep(1.5)  # some progress to show
-            page.screenshot(path=str(tmp_path / "panel.png"))  # the notebook's own view beside the panel
-            if SCREENSHOT:
-                shutil.copy(tmp_path / "panel.png", SCREENSHOT)
-
-            running.locator(".burla-cancel").click()
-            expect(panel.locator(".burla-job-cancelled")).to_be_visible(timeout=10_000)
-            expect(page.locator(".jp-Cell .jp-OutputArea").first).to_contain_text("JobCancelledError", timeout=10_000)
-            deadline = time.monotonic() + 5
-            while cluster_state(cluster.address)["workers"][0]["busy"]:
-                assert time.monotonic() < deadline, "cancelling from the panel did not free the slots"
-                time.sleep(0.05)
+            yield page, page.locator("#burla-panel")
         finally:
             browser.close()
-
-
-def launch(p):
-    return p.chromium.launch(executable_path=CHROMIUM, args=[
-        "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync"])
 
 
 def test_start_and_stop_the_local_cluster_from_the_panel(lab_without_cluster):
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{lab_without_cluster}/lab?token={TOKEN}")
-            page.locator('.jp-LabShell [data-id="burla-panel"]').click(timeout=60_000)
-            panel = page.locator("#burla-panel")
-            expect(panel.locator(".burla-cluster")).to_contain_text("not connected: no cluster", timeout=20_000)
-            panel.locator(".burla-start").click()
-            expect(panel.locator(".burla-cluster")).to_contain_text("connected to local cluster ipc://",
-                                                                    timeout=20_000)
-            expect(panel.locator(".burla-worker")).to_contain_text("local", timeout=20_000)
-            panel.locator(".burla-stop").click()
-            expect(panel.locator(".burla-cluster")).to_contain_text("no cluster", timeout=20_000)
-            expect(panel.locator(".burla-start")).to_be_visible()
-        finally:
-            browser.close()
+    with panel_page(lab_without_cluster) as (page, panel):
+        expect(panel.locator(".burla-cluster")).to_contain_text("not connected: no cluster", timeout=20_000)
+        panel.locator(".burla-start").click()
+        expect(panel.locator(".burla-cluster")).to_contain_text("connected to local cluster ipc://",
+                                                                timeout=20_000)
+        expect(panel.locator(".burla-worker")).to_contain_text("local", timeout=20_000)
+        panel.locator(".burla-stop").click()
+        expect(panel.locator(".burla-cluster")).to_contain_text("no cluster", timeout=20_000)
+        expect(panel.locator(".burla-start")).to_be_visible()
 
 
 def test_panel_keeps_up_with_a_big_job(lab, cluster):
@@ -171,28 +166,20 @@ def test_panel_keeps_up_with_a_big_job(lab, cluster):
 
     from burla import remote_parallel_map
 
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{lab}/lab?token={TOKEN}")
-            page.locator('.jp-LabShell [data-id="burla-panel"]').click(timeout=60_000)
-            panel = page.locator("#burla-panel")
-            expect(panel.locator(".burla-worker")).to_contain_text("w1", timeout=20_000)
-            # the longest gap between two animation frames: how long the page was frozen at worst
-            page.evaluate("""() => { window.burlaGap = 0; let last = performance.now();
-                const tick = now => { window.burlaGap = Math.max(window.burlaGap, now - last); last = now;
-                                      requestAnimationFrame(tick); };
-                requestAnimationFrame(tick); }""")
-            job = threading.Thread(target=remote_parallel_map, args=(print, range(100_000)),
-                                   kwargs={"cluster": cluster.address, "spinner": False})
-            job.start()
-            expect(panel.locator(".burla-job-done .burla-counts")).to_contain_text("100,000 / 100,000 calls",
-                                                                               timeout=120_000)
-            job.join(30)
-            expect(panel.locator(".burla-log")).to_contain_text("99999")  # the tail is the last lines
-            gap = page.evaluate("window.burlaGap")
-            print(f"longest frame gap during the job: {gap:.0f} ms")
-            assert gap < 2000, gap
-        finally:
-            browser.close()
+    with panel_page(lab) as (page, panel):
+        expect(panel.locator(".burla-worker")).to_contain_text("w1", timeout=20_000)
+        # the longest gap between two animation frames: how long the page was frozen at worst
+        page.evaluate("""() => { window.burlaGap = 0; let last = performance.now();
+            const tick = now => { window.burlaGap = Math.max(window.burlaGap, now - last); last = now;
+                                  requestAnimationFrame(tick); };
+            requestAnimationFrame(tick); }""")
+        job = threading.Thread(target=remote_parallel_map, args=(print, range(100_000)),
+                               kwargs={"cluster": cluster.address, "spinner": False})
+        job.start()
+        expect(panel.locator(".burla-job-done .burla-counts")).to_contain_text("100,000 / 100,000 calls",
+                                                                           timeout=120_000)
+        job.join(30)
+        expect(panel.locator(".burla-log")).to_contain_text("99999")  # the tail is the last lines
+        gap = page.evaluate("window.burlaGap")
+        print(f"longest frame gap during the job: {gap:.0f} ms")
+        assert gap < 2000, gap
