@@ -3,11 +3,15 @@ executor process per slot alive, reports an executor's death at once so its batc
 heartbeats. It runs no user code itself, so a call that crashes takes down one slot, never the worker.
 """
 
+import collections
+import json
 import logging
 import os
 import queue
+import select
 import shutil
 import signal
+import socket
 import socket as pysocket
 import subprocess
 import sys
@@ -24,6 +28,58 @@ from burla import security
 from burla.errors import EnvironmentBuildError
 
 log = logging.getLogger("burla.worker")
+MAX_ZYGOTES = 4  # job environments whose zygote is kept (an idle one is a ~30 MB process)
+
+
+class Zygote:
+    """The worker's end of a zygote (see zygote.py): it forks executors in one job environment."""
+
+    def __init__(self, prepared):
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        if prepared.path:
+            env["PYTHONPATH"] = prepared.path  # the job's local packages, first
+        self.popen = subprocess.Popen(
+            [prepared.python, "-c", f"from burla.worker.zygote import main; main({child.fileno()})"],
+            pass_fds=(child.fileno(),), env=env)
+        child.close()
+        self.sock = parent
+        self.sock.settimeout(30)  # its first answer waits for its imports
+        self.codes = {}  # executor pid -> exit status, as reported
+
+    def fork(self, request, fds):
+        socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
+        while True:
+            answer = self.receive()
+            if "slot" in answer:
+                return answer["pid"]
+
+    def receive(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise OSError("the zygote exited")
+        answer = json.loads(data)
+        if "code" in answer:
+            self.codes[answer["pid"]] = answer["code"]
+        return answer
+
+    def exit_code(self, pid, timeout=2.0):
+        """The exit status of an executor that has exited (its pidfd said so); -1 if the zygote cannot tell."""
+        self.sock.settimeout(timeout)
+        try:
+            while pid not in self.codes:
+                self.receive()
+        except OSError:
+            return -1
+        finally:
+            self.sock.settimeout(30)
+        return self.codes.pop(pid)
+
+    def close(self):
+        self.sock.close()  # end of file: it exits, and so do its executors
+        self.popen.kill()
+        self.popen.wait()
 
 
 class Slot:
@@ -40,6 +96,7 @@ class Slot:
         self.where_path = os.path.join(folder, f"slot-{index}.where")
         self.where = open(self.where_path, "w+b")  # the executor's P.WHERE record, read when it dies
         self.env = None  # the envs.Prepared environment its executor runs in; None: the worker's own
+        self.zygote = None  # the Zygote that forked its executor, if one did
         self.early_deaths = 0  # executor deaths within a second of starting, in a row
         self.clear_where()
 
@@ -122,18 +179,33 @@ class Worker:
         # a container runtime: "?" while a thread asks docker or podman whether they answer (that takes a while)
         self.runtime = None if containers == "none" else "?"
         self.prepared = {}  # env key -> envs.Prepared
+        self.zygotes = collections.OrderedDict()  # env key -> Zygote, least recently used first
         self.building = {}  # env key -> slots to restart in it once it is ready
         self.events = queue.SimpleQueue()  # from the threads that build environments
         self.wake_read, self.wake_write = os.pipe()
 
     # ---------------------------------------------------------------- executors
     def start_slot(self, slot, fork):
-        slot.container = None
+        slot.container = slot.zygote = None
         if slot.env is not None and slot.env.image:
             pid, write = self.start_container(slot)
             self.record_start(slot, pid, write)
             return
         read, write = os.pipe()
+        if slot.env is not None:  # a job's venv: forked by its zygote
+            try:
+                zygote = self.zygote(slot.env)
+                pid = zygote.fork({"slot": slot.index, "broker": self.broker, "worker": self.id, "token": self.token,
+                                   "key": slot.env.key}, [read, slot.where.fileno()])
+                slot.popen, slot.zygote = None, zygote
+                os.close(read)
+                self.record_start(slot, pid, write)
+                return
+            except OSError as e:  # it could not start: a fresh interpreter, as below
+                log.warning("zygote for environment %s failed (%s)", slot.env.key, e)
+                broken = self.zygotes.pop(slot.env.key, None)
+                if broken is not None:
+                    broken.close()
         if fork:
             pid = os.fork()
             if pid == 0:  # the executor
@@ -209,8 +281,24 @@ class Worker:
              prepared.image, "python3", "-c", code], env=env, stdin=subprocess.DEVNULL)
         return slot.popen.pid, write
 
+    def zygote(self, prepared):
+        """The zygote of an environment, started if need be; the least recently used beyond MAX_ZYGOTES that no
+        slot uses are stopped."""
+        if prepared.key not in self.zygotes:
+            self.zygotes[prepared.key] = Zygote(prepared)
+        self.zygotes.move_to_end(prepared.key)
+        in_use = {s.zygote for s in self.slots}
+        for key in list(self.zygotes)[:-MAX_ZYGOTES]:
+            if self.zygotes[key] not in in_use:
+                self.zygotes.pop(key).close()
+        return self.zygotes[prepared.key]
+
     def exit_code(self, slot):
         """The executor's exit status if it has ended (negative: killed by that signal), else None."""
+        if slot.zygote is not None:
+            if slot.pidfd is None or not select.select([slot.pidfd], [], [], 0)[0]:
+                return None
+            return slot.zygote.exit_code(slot.pid)
         if slot.popen is not None:
             code = slot.popen.poll()
             if slot.container and code is not None and code > 128:  # the runtime says 128 + signal
@@ -288,6 +376,8 @@ class Worker:
         for slot in self.slots:
             self.forget(slot)  # closing the control pipe asks the executor to exit
             slot.kill(signal.SIGKILL)
+        for zygote in self.zygotes.values():
+            zygote.close()
         for slot in self.slots:
             if slot.container and slot.popen is not None:
                 try:
@@ -385,7 +475,9 @@ class Worker:
         slot.env = prepared
         self.forget(slot)
         slot.kill(signal.SIGKILL)
-        if slot.popen is not None:
+        if slot.zygote is not None:
+            slot.zygote.exit_code(slot.pid)
+        elif slot.popen is not None:
             slot.popen.wait()
         elif slot.pid:
             try:
