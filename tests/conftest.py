@@ -49,7 +49,17 @@ class Cluster:
         raise TimeoutError(f"cluster did not reach {workers} workers")
 
     def executor_pids(self, name):
-        return [c.pid for c in psutil.Process(self.procs[name].pid).children()]
+        """The worker's executors: its children, and the children of its zygotes (which fork restarted ones)."""
+        pids = []
+        for child in psutil.Process(self.procs[name].pid).children():
+            try:
+                if "burla.worker.zygote" in " ".join(child.cmdline()):
+                    pids += [c.pid for c in child.children()]
+                else:
+                    pids.append(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
 
     def stop(self, name=None):
         names = [name] if name else list(self.procs)

@@ -28,20 +28,23 @@ from burla import security
 from burla.errors import EnvironmentBuildError
 
 log = logging.getLogger("burla.worker")
-MAX_ZYGOTES = 4  # job environments whose zygote is kept (an idle one is a ~30 MB process)
+MAX_ZYGOTES = 4  # environments whose zygote is kept (an idle one is a ~30 MB process)
 
 
 class Zygote:
     """The worker's end of a zygote (see zygote.py): it forks executors in one job environment."""
 
     def __init__(self, prepared):
+        """prepared: a job environment (envs.Prepared), or None for the worker's own."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
-        if prepared.path:
-            env["PYTHONPATH"] = prepared.path  # the job's local packages, first
+        env, python = dict(os.environ), sys.executable
+        if prepared is not None:
+            python = prepared.python
+            env.pop("PYTHONPATH", None)
+            if prepared.path:
+                env["PYTHONPATH"] = prepared.path  # the job's local packages, first
         self.popen = subprocess.Popen(
-            [prepared.python, "-c", f"from burla.worker.zygote import main; main({child.fileno()})"],
+            [python, "-c", f"from burla.worker.zygote import main; main({child.fileno()})"],
             pass_fds=(child.fileno(),), env=env)
         child.close()
         self.sock = parent
@@ -65,16 +68,19 @@ class Zygote:
         return answer
 
     def exit_code(self, pid, timeout=2.0):
-        """The exit status of an executor that has exited (its pidfd said so); -1 if the zygote cannot tell."""
-        self.sock.settimeout(timeout)
+        """The exit status of an executor that has exited (its pidfd said so); -1 if the zygote cannot tell (it
+        died too, taking its executors with it)."""
         try:
+            self.sock.settimeout(timeout)
             while pid not in self.codes:
                 self.receive()
-        except OSError:
-            return -1
-        finally:
             self.sock.settimeout(30)
+        except OSError:
+            return self.codes.pop(pid, -1)
         return self.codes.pop(pid)
+
+    def alive(self):
+        return self.popen.poll() is None
 
     def close(self):
         self.sock.close()  # end of file: it exits, and so do its executors
@@ -192,18 +198,19 @@ class Worker:
             self.record_start(slot, pid, write)
             return
         read, write = os.pipe()
-        if slot.env is not None:  # a job's venv: forked by its zygote
+        key = slot.env.key if slot.env else self.own_env
+        if not fork:  # a restart, or another environment: forked by that environment's zygote
             try:
                 zygote = self.zygote(slot.env)
                 pid = zygote.fork({"slot": slot.index, "broker": self.broker, "worker": self.id, "token": self.token,
-                                   "key": slot.env.key}, [read, slot.where.fileno()])
+                                   "key": key}, [read, slot.where.fileno()])
                 slot.popen, slot.zygote = None, zygote
                 os.close(read)
                 self.record_start(slot, pid, write)
                 return
             except OSError as e:  # it could not start: a fresh interpreter, as below
-                log.warning("zygote for environment %s failed (%s)", slot.env.key, e)
-                broken = self.zygotes.pop(slot.env.key, None)
+                log.warning("zygote for environment %s failed (%s)", key, e)
+                broken = self.zygotes.pop(key, None)
                 if broken is not None:
                     broken.close()
         if fork:
@@ -227,7 +234,6 @@ class Worker:
             slot.popen = None
         else:
             where = slot.where.fileno()
-            key = slot.env.key if slot.env else self.own_env
             code = ("import os; from burla.worker.executor import main; "
                     f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, "
                     f"os.environ.pop('BURLA_WORKER_TOKEN', None), {where}, {key!r})")
@@ -282,16 +288,19 @@ class Worker:
         return slot.popen.pid, write
 
     def zygote(self, prepared):
-        """The zygote of an environment, started if need be; the least recently used beyond MAX_ZYGOTES that no
-        slot uses are stopped."""
-        if prepared.key not in self.zygotes:
-            self.zygotes[prepared.key] = Zygote(prepared)
-        self.zygotes.move_to_end(prepared.key)
+        """The zygote of an environment (None: the worker's own), started if need be; the least recently used
+        beyond MAX_ZYGOTES that no slot uses are stopped."""
+        key = prepared.key if prepared is not None else self.own_env
+        if key in self.zygotes and not self.zygotes[key].alive():  # killed: its executors went with it
+            self.zygotes.pop(key).close()
+        if key not in self.zygotes:
+            self.zygotes[key] = Zygote(prepared)
+        self.zygotes.move_to_end(key)
         in_use = {s.zygote for s in self.slots}
-        for key in list(self.zygotes)[:-MAX_ZYGOTES]:
-            if self.zygotes[key] not in in_use:
-                self.zygotes.pop(key).close()
-        return self.zygotes[prepared.key]
+        for old in list(self.zygotes)[:-MAX_ZYGOTES]:
+            if self.zygotes[old] not in in_use:
+                self.zygotes.pop(old).close()
+        return self.zygotes[key]
 
     def exit_code(self, slot):
         """The executor's exit status if it has ended (negative: killed by that signal), else None."""
