@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 import burla
@@ -167,3 +168,30 @@ def test_cancel_stops_running_calls(cluster, tmp_path, how):
         client.kill()
         client.wait()
     assert remote_parallel_map(abs, [-1, -2], cluster=cluster.address, spinner=False) == [1, 2]
+
+
+def test_a_killed_zygote_is_replaced(cluster, rpm):
+    """Restarted executors are forked by a zygote; killing it (and so its executors) loses nothing."""
+    def zygotes():
+        return [c for c in psutil.Process(cluster.procs["w1"].pid).children()
+                if "burla.worker.zygote" in " ".join(c.cmdline())]
+
+    os.kill(cluster.executor_pids("w1")[0], signal.SIGKILL)  # its replacement comes from a zygote
+    deadline = time.monotonic() + 10
+    while not zygotes() or len(cluster.executor_pids("w1")) < 2:
+        assert time.monotonic() < deadline, "no zygote after a restart"
+        time.sleep(0.02)
+    zygote = zygotes()[0]
+    killer = subprocess.Popen(["sh", "-c", f"sleep 0.2; kill -9 {zygote.pid}"])
+
+    def slow(x):
+        time.sleep(0.02)
+        return x + 1
+
+    assert rpm(slow, range(100)) == [x + 1 for x in range(100)]
+    killer.wait()
+    deadline = time.monotonic() + 10
+    while len(cluster.executor_pids("w1")) < 2 or zygote.pid in [z.pid for z in zygotes()]:
+        assert time.monotonic() < deadline, "the zygote's executors were not replaced"
+        time.sleep(0.02)
+    assert rpm(slow, range(10)) == list(range(1, 11))
