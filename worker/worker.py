@@ -1,10 +1,12 @@
 """The worker: one per host (or container). It announces the host's slots and resources to the broker, keeps one
 executor process per slot alive, reports an executor's death at once so its batches run again elsewhere, and
 heartbeats. It runs no user code itself, so a call that crashes takes down one slot, never the worker.
+
+Each slot's executor runs in an environment: the worker's own, a job's venv (envs.py, built in a thread while the
+loop goes on), or a job's container image. Restarted executors are forked by a zygote per environment (zygote.py).
 """
 
 import collections
-import json
 import logging
 import os
 import queue
@@ -12,7 +14,6 @@ import select
 import shutil
 import signal
 import socket
-import socket as pysocket
 import subprocess
 import sys
 import tempfile
@@ -26,66 +27,10 @@ from burla import env as E
 from burla import protocol as P
 from burla import security
 from burla.errors import EnvironmentBuildError
+from burla.worker.zygote import Zygote
 
 log = logging.getLogger("burla.worker")
 MAX_ZYGOTES = 4  # environments whose zygote is kept (an idle one is a ~30 MB process)
-
-
-class Zygote:
-    """The worker's end of a zygote (see zygote.py): it forks executors in one job environment."""
-
-    def __init__(self, prepared):
-        """prepared: a job environment (envs.Prepared), or None for the worker's own."""
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env, python = dict(os.environ), sys.executable
-        if prepared is not None:
-            python = prepared.python
-            env.pop("PYTHONPATH", None)
-            if prepared.path:
-                env["PYTHONPATH"] = prepared.path  # the job's local packages, first
-        self.popen = subprocess.Popen(
-            [python, "-c", f"from burla.worker.zygote import main; main({child.fileno()})"],
-            pass_fds=(child.fileno(),), env=env)
-        child.close()
-        self.sock = parent
-        self.sock.settimeout(30)  # its first answer waits for its imports
-        self.codes = {}  # executor pid -> exit status, as reported
-
-    def fork(self, request, fds):
-        socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
-        while True:
-            answer = self.receive()
-            if "slot" in answer:
-                return answer["pid"]
-
-    def receive(self):
-        data = self.sock.recv(65536)
-        if not data:
-            raise OSError("the zygote exited")
-        answer = json.loads(data)
-        if "code" in answer:
-            self.codes[answer["pid"]] = answer["code"]
-        return answer
-
-    def exit_code(self, pid, timeout=2.0):
-        """The exit status of an executor that has exited (its pidfd said so); -1 if the zygote cannot tell (it
-        died too, taking its executors with it)."""
-        try:
-            self.sock.settimeout(timeout)
-            while pid not in self.codes:
-                self.receive()
-            self.sock.settimeout(30)
-        except OSError:
-            return self.codes.pop(pid, -1)
-        return self.codes.pop(pid)
-
-    def alive(self):
-        return self.popen.poll() is None
-
-    def close(self):
-        self.sock.close()  # end of file: it exits, and so do its executors
-        self.popen.kill()
-        self.popen.wait()
 
 
 class Slot:
@@ -173,7 +118,7 @@ class Worker:
         self.cpu = cpu if cpu is not None else host_cpu
         self.ram = ram if ram is not None else host_ram
         self.gpus = list(gpus)
-        self.host = pysocket.gethostname()
+        self.host = socket.gethostname()
         self.id = name or f"{self.host}-{os.getpid()}"
         self.parent_fd = parent_fd
         self.token = token  # the broker's worker token (CURVE over TCP); None on an ipc or insecure broker
