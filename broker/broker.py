@@ -617,15 +617,15 @@ class Broker:
         waiting = [j for j in self.jobs.values() if j.queue and (not j.par or len(j.slots) < j.par)]
         if not waiting:
             return
-        active = [j for j in self.jobs.values() if j.queue or j.slots]
         idle = [s for s in self.slots.values() if s.job is None and not s.inflight and not s.preparing]
+        if not idle:  # (the common case in a busy cluster: one pass over the slots, nothing more)
+            return
+        active = [j for j in self.jobs.values() if j.queue or j.slots]
+        switching = collections.Counter(s.preparing for s in self.slots.values() if s.preparing)
         asks = {}  # (worker id, job id) -> slot names
         for job in waiting:
             want = min(len(job.queue), job.par - len(job.slots) if job.par else len(job.queue))
-            for slot in self.slots.values():  # already switching to it
-                worker = self.workers.get(slot.worker_id)
-                if slot.preparing and worker is not None and slot.preparing == worker.target(job):
-                    want -= 1
+            want -= switching[job.env_key] if job.env_key else 0  # (slots already switching to it)
             for slot in list(idle):
                 if want <= 0:
                     break
