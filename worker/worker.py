@@ -227,7 +227,8 @@ class Worker:
                 f"os.environ.pop('BURLA_WORKER_TOKEN', None), {slot.where_path!r}, {prepared.key!r}, {os.getpid()})")
         env = dict(os.environ, BURLA_WORKER_TOKEN=self.token or "")
         slot.popen = subprocess.Popen(
-            [tool, "run", "--rm", "--name", slot.container_name, "--network=host", "--pid=host",
+            [tool, "run", "--rm", "--name", slot.container_name, f"--label=burla.worker={self.id}",
+             "--network=host", "--pid=host",
              "--env=BURLA_WORKER_TOKEN", f"--volume={self.folder}:{self.folder}", *mounts,
              prepared.image, "python3", "-c", code], env=env, stdin=subprocess.DEVNULL)
         return slot.popen.pid, write
@@ -407,7 +408,13 @@ class Worker:
         os.write(self.wake_write, b".")
 
     def find_runtime(self):
-        self.tell_loop({"runtime": container_runtime(self.containers)})
+        runtime = container_runtime(self.containers)
+        if runtime:  # containers of this worker's last life (killed while one was starting, say) go now
+            stale = subprocess.run([runtime, "ps", "-aq", "--filter", f"label=burla.worker={self.id}"],
+                                   capture_output=True, text=True, timeout=60).stdout.split()
+            if stale:
+                subprocess.run([runtime, "rm", "-f", *stale], capture_output=True, timeout=120)
+        self.tell_loop({"runtime": runtime})
 
     def on_events(self):
         while True:
