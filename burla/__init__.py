@@ -5,11 +5,11 @@
 """
 
 from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, EnvironmentBuildError,
-                          NoCompatibleWorkerError, RemoteError, WorkerDiedError)
+                          JobCancelledError, NoCompatibleWorkerError, RemoteError, WorkerDiedError)
 
 __version__ = "0.1.0"
 __all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError", "EnvironmentBuildError",
-           "NoCompatibleWorkerError", "RemoteError", "WorkerDiedError"]
+           "JobCancelledError", "NoCompatibleWorkerError", "RemoteError", "WorkerDiedError"]
 
 
 def load_ipython_extension(ipython):
