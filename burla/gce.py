@@ -118,11 +118,15 @@ class Compute:
     def delete(self, zone, name):
         from google.api_core import exceptions as gexc
 
-        try:
-            operation = self.instances.delete_unary(project=self.project, zone=zone, instance=name)
-        except gexc.NotFound:
-            return
-        self.wait(operation, zone)
+        def delete():
+            try:
+                return self.instances.delete_unary(project=self.project, zone=zone, instance=name)
+            except gexc.NotFound:
+                return None
+
+        operation = self.call(delete)
+        if operation is not None:
+            self.wait(operation, zone)
 
     def cluster(self, name):
         """The cluster's VMs as (zone, instance), by label, in every zone."""
@@ -226,11 +230,14 @@ def vm(compute, name, cluster, role, zone, machine_type, disk_gb, metadata, spot
     return instance
 
 
-def create_in_zones(compute, zones, make, say):
-    """Create a VM in the first zone of zones that has room for it; (zone, instance)."""
+def create_in_zones(compute, zones, make, say, created):
+    """Create a VM in the first zone of zones that has room for it; (zone, instance). Each try is added to
+    created before it is made, so that a failure (or Ctrl-C) part way deletes it too."""
     for k, zone in enumerate(zones):
+        instance = make(zone)
+        created.append((zone, instance.name))
         try:
-            return zone, compute.create(zone, make(zone))
+            return zone, compute.create(zone, instance)
         except CapacityError as e:
             if k == len(zones) - 1:
                 hint = "" if len(zones) > 1 else " (--zone-fallback tries the region's other zones)"
@@ -258,8 +265,7 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
             compute, f"{name}-head", name, "head", z, machine_type, disk_gb, {
                 "startup-script": startup_script("head", image_name(registry, "head"), idle_minutes=idle_minutes,
                                                  name=name, project=project),
-                "burla-broker-state": broker_state(keys.folder)}), say)
-        created.append((head_zone, head.name))
+                "burla-broker-state": broker_state(keys.folder)}), say, created)
         nic = head.network_interfaces[0]
         internal, external = nic.network_i_p, nic.access_configs[0].nat_i_p
         for i in range(workers):
@@ -269,16 +275,15 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
                         "burla-broker": f"tcp://{internal}:{PORT}", "burla-worker-token": keys.worker_tokens[0]}
             if gpu:
                 metadata["burla-gpus"] = gpu
-            worker_zone, _ = create_in_zones(compute, zones, lambda z: vm(
-                compute, worker_name, name, "worker", z, machine_type, disk_gb, metadata, spot, gpu), say)
-            created.append((worker_zone, worker_name))
+            create_in_zones(compute, zones, lambda z: vm(
+                compute, worker_name, name, "worker", z, machine_type, disk_gb, metadata, spot, gpu), say, created)
     except BaseException:
-        say(f"cleaning up the {len(created)} VM(s) created")
+        say(f"cleaning up the {len({n for _, n in created})} VM(s) this command made or tried to make")
         for z, n in created:
             try:
-                compute.delete(z, n)
-            except CloudError as e:
-                say(f"could not delete {n} in {z}: {e}")
+                compute.delete(z, n)  # (one never made is not found: fine)
+            except Exception as e:
+                say(f"could not delete {n} in {z}: {e}; delete it by hand (burla cluster down)")
         raise
     address = f"tcp://{external}:{PORT}"
     config.save(cluster=address, api_key=keys.api_keys[0])
@@ -314,7 +319,7 @@ def reap(project, name, idle_seconds, cluster_state, compute=None, idle_since=No
     idle_since = {} if idle_since is None else idle_since
     now = time.monotonic() if now is None else now
     state = cluster_state()
-    busy = {w["id"]: w["busy"] for w in state["workers"]}
+    busy = {w["id"]: w["busy"] or w.get("preparing", 0) for w in state["workers"]}  # (building an env is work)
     deleted = []
     for zone, instance in compute.cluster(name):
         if instance.labels.get(ROLE) != "worker" or instance.name not in busy:

@@ -9,6 +9,7 @@ one in the server and sets BURLA_CLUSTER for the kernels started after it.
 
 import collections
 import json
+import logging
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ import zmq
 
 from burla import config, protocol as P, security
 
+log = logging.getLogger("burla.panel")
 LOG_TAIL = 2000  # lines kept per job, for a panel that opens a job late
 PUSH_INTERVAL = 0.1  # seconds between the batches of log lines sent to browsers
 MAX_PUSH_LINES = 1000  # lines per job per batch, the newest; the rest are counted, not sent (a page must not drown)
@@ -108,39 +110,51 @@ class Manager:
             self.api_key = config.api_key(None) if address.startswith("tcp://") else None
 
     def watch(self):
-        ctx = zmq.Context.instance()
-        sock, target, renew, flushed = None, None, 0.0, 0.0
+        """The thread: one pass at a time; a pass that fails (a bad address or key, a broken message) is logged
+        and the connection made again, so the panel never goes dead for good."""
+        self.sock, self.target, self.renew, self.flushed = None, None, 0.0, 0.0
         while not self.stopped:
-            with self.lock:
-                wanted = (self.address, self.api_key)
-            if wanted != target:
-                if sock is not None:
-                    sock.close(0)
-                sock, target = None, wanted
-                if wanted[0]:
-                    sock = P.socket(ctx, zmq.DEALER, credential=wanted[1], role=security.CLIENT)
-                    sock.connect(wanted[0])
-                    renew = 0.0
-                self.emit(self.snapshot())
-            now = time.monotonic()
-            if sock is not None:
-                if now >= renew:
-                    P.send(sock, P.WATCH, {}, flags=zmq.NOBLOCK)
-                    renew = now + 1.0
-                while self.outbox:
-                    command, header = self.outbox.popleft()
-                    P.send(sock, command, header, flags=zmq.NOBLOCK)
-                if sock.poll(50):
-                    while sock.poll(0):
-                        self.receive(*P.recv(sock))
-            else:
-                self.wake.wait(0.5)
+            try:
+                self.watch_once()
+            except Exception as e:
+                log.warning("burla panel: %s: %s", type(e).__name__, e)
+                if self.sock is not None:
+                    self.sock.close(0)
+                self.sock, self.target = None, None
+                self.wake.wait(2.0)
                 self.wake.clear()
-            if time.monotonic() - flushed >= PUSH_INTERVAL:
-                flushed = time.monotonic()
-                self.flush()
+        if self.sock is not None:
+            self.sock.close(0)
+
+    def watch_once(self):
+        with self.lock:
+            wanted = (self.address, self.api_key)
+        if wanted != self.target:
+            if self.sock is not None:
+                self.sock.close(0)
+            self.sock, self.target = None, wanted
+            if wanted[0]:
+                self.sock = P.socket(zmq.Context.instance(), zmq.DEALER, credential=wanted[1], role=security.CLIENT)
+                self.sock.connect(wanted[0])
+                self.renew = 0.0
+            self.emit(self.snapshot())
+        sock, now = self.sock, time.monotonic()
         if sock is not None:
-            sock.close(0)
+            if now >= self.renew:
+                P.send(sock, P.WATCH, {}, flags=zmq.NOBLOCK)
+                self.renew = now + 1.0
+            while self.outbox:
+                command, header = self.outbox.popleft()
+                P.send(sock, command, header, flags=zmq.NOBLOCK)
+            if sock.poll(50):
+                while sock.poll(0):
+                    self.receive(*P.recv(sock))
+        else:
+            self.wake.wait(0.5)
+            self.wake.clear()
+        if time.monotonic() - self.flushed >= PUSH_INTERVAL:
+            self.flushed = time.monotonic()
+            self.flush()
 
     def receive(self, command, header, payload):
         if command == P.STATE:

@@ -73,7 +73,8 @@ class EventsHandler(WebSocketMixin, WebSocketHandler, JupyterHandler):
             raise tornado.web.HTTPError(403)
         return await super().get(*args, **kwargs)
 
-    def open(self):
+    def open(self, *args, **kwargs):
+        super().open(*args, **kwargs)  # Jupyter's keep-alive pings: a page that vanished is noticed and dropped
         self.loop = tornado.ioloop.IOLoop.current()
         self.manager = self.settings["burla_manager"]
         self.write_message(json.dumps(self.manager.snapshot()))

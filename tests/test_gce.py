@@ -100,9 +100,25 @@ def test_quota_error_cleans_up_what_was_created(fake, compute, tmp_path):
     with pytest.raises(gce.QuotaError, match="Quota 'CPUS' exceeded.*more quota"):
         up(compute, tmp_path, workers=3, say=said.append)
     assert fake.vms() == []  # both deleted again
-    assert "cleaning up the 2 VM(s) created" in said
-    deletes = [p for m, p in fake.requests if m == "DELETE"]
-    assert sorted(p.rsplit("/", 1)[1] for p in deletes) == ["t1-head", "t1-worker-0"]
+    assert "cleaning up the 3 VM(s) this command made or tried to make" in said
+    deletes = [p for m, p in fake.requests if m == "DELETE"]  # (the refused one is not found: fine)
+    assert sorted(p.rsplit("/", 1)[1] for p in deletes) == ["t1-head", "t1-worker-0", "t1-worker-1"]
+
+
+def test_interrupted_up_deletes_the_vm_it_was_making(fake, compute, tmp_path, monkeypatch):
+    """Ctrl-C while a VM's insert is in flight: that VM is deleted too."""
+    real, interrupts = compute.wait, [KeyboardInterrupt()]
+
+    def interrupted(operation, zone=None):
+        if zone and interrupts and any(v["name"] == "t1-worker-0" for v in fake.vms()):
+            raise interrupts.pop()  # once: the user pressed Ctrl-C while worker-0 was being made
+        return real(operation, zone)
+
+    monkeypatch.setattr(compute, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        up(compute, tmp_path)
+    monkeypatch.setattr(compute, "wait", real)
+    assert fake.vms() == []
 
 
 def test_transient_errors_are_retried(fake, compute, tmp_path):

@@ -182,4 +182,6 @@ def test_panel_keeps_up_with_a_big_job(lab, cluster):
         expect(panel.locator(".burla-log")).to_contain_text("99999")  # the tail is the last lines
         gap = page.evaluate("window.burlaGap")
         print(f"longest frame gap during the job: {gap:.0f} ms")
-        assert gap < 2000, gap
+        # A frozen page stops drawing for as long as it chews (tens of seconds for 100,000 unthrottled lines);
+        # the bound is loose because this 2-core machine also runs the cluster, JupyterLab and the browser.
+        assert gap < 5000, f"the page stopped drawing for {gap:.0f} ms"

@@ -78,6 +78,12 @@ def own_key():
         return E.make(E.pins_and_local()[0]).key
 
 
+def readable(fd):
+    poller = select.poll()  # (not select.select: descriptors past 1023 are fine here)
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 RUNTIME_PROBE_DELAY = 2.0  # seconds after start before asking docker/podman: not while the first job runs
 
 
@@ -258,10 +264,12 @@ class Worker:
 
     def exit_code(self, slot):
         """The executor's exit status if it has ended (negative: killed by that signal), else None."""
-        if slot.zygote is not None:
-            if slot.pidfd is None or not select.select([slot.pidfd], [], [], 0)[0]:
-                return None
-            return slot.zygote.exit_code(slot.pid)
+        if slot.zygote is not None:  # not our child: its zygote reports how it ended
+            code = slot.zygote.exit_code(slot.pid)
+            if code is None and slot.pidfd is not None and readable(slot.pidfd):  # gone; the report is coming
+                code = slot.zygote.exit_code(slot.pid, wait=2.0)
+                return -1 if code is None else code
+            return code
         if slot.popen is not None:
             code = slot.popen.poll()
             if slot.container and code is not None and code > 128:  # the runtime says 128 + signal
@@ -310,7 +318,7 @@ class Worker:
         if any(slot.early_deaths for slot in respawn):
             time.sleep(0.5)  # do not spin on an executor that cannot start
         for slot in respawn:
-            self.start_slot(slot, fork=False)
+            self.start_again(slot)
 
     def kill_overdue(self):
         """Kill an executor whose call ran past its timeout without noticing (stuck in C code)."""
@@ -449,7 +457,9 @@ class Worker:
         self.forget(slot)
         slot.kill(signal.SIGKILL)
         if slot.zygote is not None:
-            slot.zygote.exit_code(slot.pid)
+            slot.zygote.exit_code(slot.pid, wait=0.5)
+        elif slot.container:
+            pass  # its runtime's client ends when the container does; the loop must not wait on it
         elif slot.popen is not None:
             slot.popen.wait()
         elif slot.pid:
@@ -458,10 +468,13 @@ class Worker:
             except ChildProcessError:
                 pass
         slot.clear_where()
+        self.start_again(slot)
+
+    def start_again(self, slot):
         try:
             self.start_slot(slot, fork=False)
         except OSError as e:  # its environment vanished (evicted by hand, a disk error): the worker's own
-            log.warning("could not start executor %d in environment %s: %s", slot.index, prepared.key, e)
+            log.warning("could not start executor %d in environment %s: %s", slot.index, slot.env.key, e)
             slot.env = None
             self.start_slot(slot, fork=False)
 
@@ -500,9 +513,8 @@ class Worker:
                 poller.register(self.wake_read, zmq.POLLIN)
                 if self.parent_fd is not None:
                     poller.register(self.parent_fd, zmq.POLLIN)
-                pidfds = [s.pidfd for s in self.slots if s.pidfd is not None]
-                for fd in pidfds:
-                    poller.register(fd, zmq.POLLIN)
+                for fd in [s.pidfd for s in self.slots if s.pidfd is not None] + list(self.zygotes.values()):
+                    poller.register(fd, zmq.POLLIN)  # (a zygote: its reports of executors' exits)
                 timeout = min(max(0.0, next_beat - time.monotonic()), 0.25)  # also look for overdue calls
                 events = dict(poller.poll(timeout * 1000))
                 if self.parent_fd is not None and self.parent_fd in events:

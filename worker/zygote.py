@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 
 
@@ -36,36 +37,65 @@ class Zygote:
             pass_fds=(child.fileno(),), env=env)
         child.close()
         self.sock = parent
-        self.sock.settimeout(30)  # its first answer waits for its imports
         self.codes = {}  # executor pid -> exit status, as reported
+        self.abandoned = set()  # pids whose status was given up on: a late report must not go to a reused pid
+
+    def fileno(self):
+        return self.sock.fileno()  # the worker's loop wakes when a report comes
 
     def fork(self, request, fds):
         socket.send_fds(self.sock, [json.dumps(request).encode()], fds)
         while True:
-            answer = self.receive()
+            answer = self.receive(30)  # the first answer waits for its imports
             if "slot" in answer:
+                self.codes.pop(answer["pid"], None)
+                self.abandoned.discard(answer["pid"])
                 return answer["pid"]
 
-    def receive(self):
-        data = self.sock.recv(65536)
+    def receive(self, timeout):
+        """One message (timeout None: only one already there, else OSError)."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, socket.timeout):
+            raise OSError("no message") from None
+        finally:
+            if self.sock.fileno() >= 0:
+                self.sock.setblocking(True)
         if not data:
             raise OSError("the zygote exited")
         answer = json.loads(data)
-        if "code" in answer:
+        if "code" in answer and answer["pid"] not in self.abandoned:
             self.codes[answer["pid"]] = answer["code"]
+        self.abandoned.discard(answer.get("pid"))
         return answer
 
-    def exit_code(self, pid, timeout=2.0):
-        """The exit status of an executor that has exited (its pidfd said so); -1 if the zygote cannot tell (it
-        died too, taking its executors with it)."""
+    def drain(self):
+        """Take the reports already sent, without waiting."""
         try:
-            self.sock.settimeout(timeout)
-            while pid not in self.codes:
-                self.receive()
-            self.sock.settimeout(30)
+            while True:
+                self.receive(0)
         except OSError:
-            return self.codes.pop(pid, -1)
-        return self.codes.pop(pid)
+            pass
+
+    def exit_code(self, pid, wait=0.0):
+        """An executor's exit status if the zygote reported it (waiting up to `wait` s for it), else None; -1 if
+        the zygote is gone, which takes its executors with it."""
+        self.drain()
+        if pid not in self.codes and wait:
+            deadline = time.monotonic() + wait
+            try:
+                while pid not in self.codes and time.monotonic() < deadline:
+                    self.receive(max(deadline - time.monotonic(), 0.001))
+            except OSError:
+                pass
+        if pid in self.codes:
+            return self.codes.pop(pid)
+        if not self.alive():
+            return -1
+        if wait:
+            self.abandoned.add(pid)  # given up on: its report, if it comes, is dropped
+        return None
 
     def alive(self):
         return self.popen.poll() is None
