@@ -401,7 +401,7 @@ class Broker:
             self.push_state([ident])
 
     def push_state(self, idents=None):
-        """STATE to watchers; a watcher that expired or cannot keep up is dropped (never block the broker)."""
+        """STATE to watchers; one that expired or is gone is dropped, one that is behind misses this push."""
         now = time.monotonic()
         for ident in list(idents or self.watchers):
             role, expires = self.watchers[ident]
@@ -409,10 +409,13 @@ class Broker:
                 del self.watchers[ident]
 
     def send_watcher(self, ident, command, header, payload=()):
+        """Send without ever blocking the broker: False only if the watcher is gone."""
         try:
             P.send(self.sock, command, header, payload, ident=ident, flags=zmq.NOBLOCK)
             return True
-        except zmq.ZMQError:  # gone (EHOSTUNREACH) or not reading (EAGAIN): a dashboard must not slow jobs
+        except zmq.Again:  # its queue is full: it is behind, and a dashboard must not slow jobs down
+            return True
+        except zmq.ZMQError:  # gone (EHOSTUNREACH)
             return False
 
     # ---------------------------------------------------------------- workers

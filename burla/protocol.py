@@ -63,7 +63,7 @@ WORKER_COMMANDS = {REGISTER, READY, RESULT, LOG, SLOT_DIED, ENV, HEARTBEAT}
 HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead
 WATCH_INTERVAL = 0.25  # seconds between STATE pushes to watchers
-WATCH_EXPIRY = 3.0
+WATCH_EXPIRY = 10.0  # a watcher renews every second; a busy one (a Jupyter server under load) may be late
 
 # An error in "e": {i: input index, type: "module.Name", msg, tb: remote traceback text, input: repr}; "all": 1
 # when one error stands for every input of the batch from "o" on (the batch could not be loaded).
