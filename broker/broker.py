@@ -111,19 +111,20 @@ class Worker:
         """The key of the environment the job's calls run in on this worker."""
         return job.env_key or self.env
 
+    def takes_env(self, job, confirmed):
+        """Whether the job's environment can run here: an image needs a container runtime (confirmed: one the
+        worker has found, not "?" while it looks), and an environment it failed to prepare lately is not retried."""
+        if job.image is not None and (not self.runtime or (confirmed and self.runtime == "?")):
+            return False
+        return not self.env_failed(job.env_key)
+
     def could_fit(self, job):
-        if job.image is not None and not self.runtime:  # ("?": it may, once it knows)
-            return False
-        if self.env_failed(job.env_key):  # it tried to build the job's environment, and could not
-            return False
-        return self.cpu >= job.cpu and self.ram >= job.ram and gpus_match(self.gpus, job.gpu)
+        return self.takes_env(job, confirmed=False) and \
+            self.cpu >= job.cpu and self.ram >= job.ram and gpus_match(self.gpus, job.gpu)
 
     def fits(self, job):
-        if job.image is not None and self.runtime in (None, "?"):
-            return False
-        if self.env_failed(job.env_key):
-            return False
-        return self.free_cpu >= job.cpu and self.free_ram >= job.ram and gpus_match(self.free_gpus, job.gpu)
+        return self.takes_env(job, confirmed=True) and \
+            self.free_cpu >= job.cpu and self.free_ram >= job.ram and gpus_match(self.free_gpus, job.gpu)
 
     def take(self, claim):
         cpu, ram, gpus = claim
@@ -276,10 +277,10 @@ class Broker:
 
     def no_fit(self, job):
         """The REJECTED for a job no worker can run: because of its environment, or of its needs."""
-        failures = [(w.id, w.env_failed(job.env_key)) for w in self.workers.values() if w.env_failed(job.env_key)]
-        if failures:
-            worker, why = failures[0]
-            return {"j": job.id, "t": "env", "e": f"worker {worker} could not prepare the job's environment:\n{why}"}
+        for w in self.workers.values():
+            why = w.env_failed(job.env_key)
+            if why:
+                return {"j": job.id, "t": "env", "e": f"worker {w.id} could not prepare the job's environment:\n{why}"}
         return {"j": job.id, "e": self.no_fit_message(job)}
 
     def no_fit_message(self, job):
@@ -402,10 +403,12 @@ class Broker:
 
     def push_state(self, idents=None):
         """STATE to watchers; one that expired or is gone is dropped, one that is behind misses this push."""
-        now = time.monotonic()
+        now, states = time.monotonic(), {}  # (one state per role: dashboards of one user share it)
         for ident in list(idents or self.watchers):
             role, expires = self.watchers[ident]
-            if expires < now or not self.send_watcher(ident, P.STATE, self.state(role)):
+            if role not in states:
+                states[role] = self.state(role)
+            if expires < now or not self.send_watcher(ident, P.STATE, states[role]):
                 del self.watchers[ident]
 
     def send_watcher(self, ident, command, header, payload=()):

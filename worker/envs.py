@@ -118,6 +118,7 @@ class EnvCache:
         self.lock = threading.Lock()  # preparations run in threads; the worker's loop calls use()
         self.in_use = {}  # lock hash -> fd holding a shared flock: eviction leaves these alone
         self.fresh = {}  # lock hash -> when prepared: held until the slots switch into it (see use)
+        self.grown = False  # a venv was built since use() last said so
         self.sweep()
 
     # ------------------------------------------------------------------------------------------ preparing
@@ -141,6 +142,7 @@ class EnvCache:
                     say("built by another worker on this host")
                 else:
                     self.build(venv, lock, say)
+                    self.grown = True
             if not self.hold(lock_hash):
                 raise EnvironmentBuildError("the environment was deleted as soon as it was built (is the cache "
                                             "folder shared with a worker whose budget is too small?)")
@@ -306,9 +308,12 @@ class EnvCache:
             for h in set(lock_hashes):
                 self.fresh.pop(h, None)
             keep = set(lock_hashes) | {h for h, when in self.fresh.items() if now - when < 60}
-            for h in set(self.in_use) - keep:
+            released = set(self.in_use) - keep
+            for h in released:
                 os.close(self.in_use.pop(h))
                 self.fresh.pop(h, None)
+            grown, self.grown = self.grown, False
+            return bool(released) or grown  # whether eviction may now find something to do
 
     def entries(self):
         """(last used, size, lock hash) of each complete environment."""

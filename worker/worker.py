@@ -484,8 +484,9 @@ class Worker:
             self.restart_slot(slot, prepared)
         if self.envs is not None:
             used = {s.env.key.partition("-")[0] for s in self.slots if s.env is not None and not s.env.image}
-            self.envs.use(used)  # (releases the hold the preparation took on the environments now unused)
-            threading.Thread(target=self.envs.evict, args=(used,), daemon=True, name="burla-evict").start()
+            # (releases the holds on environments now unused; only then, or after a build, can eviction help)
+            if self.envs.use(used):
+                threading.Thread(target=self.envs.evict, args=(used,), daemon=True, name="burla-evict").start()
 
     def slot_named(self, name):
         prefix, _, index = str(name).rpartition("/")
