@@ -159,9 +159,9 @@ def test_reaper_deletes_idle_workers_only(fake, compute, tmp_path, new_cluster):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     idle_since = {}
-    assert gce.reap("proj", "t1", 0.5, state, compute=compute, idle_since=idle_since) == []  # idle from now
-    time.sleep(0.6)
-    deleted = gce.reap("proj", "t1", 0.5, state, compute=compute, idle_since=idle_since)
+    # the reaper's clock is given, so the test does not wait for it (nor race the busy call's end)
+    assert gce.reap("proj", "t1", 0.5, state, compute=compute, idle_since=idle_since, now=100.0) == []  # idle from now
+    deleted = gce.reap("proj", "t1", 0.5, state, compute=compute, idle_since=idle_since, now=100.6)
     assert len(deleted) == 1  # the idle one; the busy one stays, and so does the head
     busy_worker = next(w["id"] for w in state()["workers"] if w["busy"])
     assert sorted(v["name"] for v in fake.vms()) == sorted(["t1-head", busy_worker])
