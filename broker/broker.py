@@ -8,7 +8,6 @@ that died, and drops the jobs of clients that went silent. It never runs user co
 import collections
 import logging
 import os
-import re
 import signal
 import socket as pysocket
 import time
@@ -19,22 +18,25 @@ from burla import protocol as P
 
 log = logging.getLogger("burla.broker")
 
-PREFETCH = 2  # batches a slot may hold: one running, one waiting, so a slot never idles on a round trip
 MAX_ATTEMPTS = 3  # executor deaths while one input runs before that input fails with WorkerDiedError
 STOP_GRACE = 0.5  # seconds a cancelled call has to stop on SIGUSR1 before its executor is killed
-FUNCTION_CACHE = 32  # functions a slot keeps; the executor uses the same size and the same LRU order
 ENV_RETRY_AFTER = 60.0  # seconds before a worker that failed to prepare an environment is asked again
-ENV_KEY = re.compile(r"[0-9a-f]{16}(-[0-9a-f]{12})?|img-[0-9a-f]{16}")
+# A client whose queue is full (it is not reading) gets what must reach it (results, logs, its job's end) from a
+# backlog, in order; log lines past LOG_BACKLOG are dropped and counted, and a backlog past BACKLOG_MAX ends the
+# client's jobs: the broker never blocks on a peer, and never holds without bound what a peer does not read.
+LOG_BACKLOG = 16 << 20
+BACKLOG_MAX = 256 << 20
 
 
 class Batch:
-    __slots__ = ("header", "frames", "start", "n", "progress", "isolate", "deaths", "skip")
+    __slots__ = ("header", "frames", "start", "n", "size", "progress", "isolate", "deaths", "skip")
 
     def __init__(self, header, frames):
+        if len(header["z"]) != len(frames):
+            raise P.ProtocolError("BATCH whose frames do not match their flags")
         self.header, self.frames = header, frames
-        self.start, self.n = field(header, "i", int), field(header, "n", int)
-        if self.start < 0 or self.n < 1:
-            raise P.ProtocolError("BATCH with an impossible range")
+        self.start, self.n = header["i"], header["n"]
+        self.size = sum(len(f) for f in frames)
         self.progress = 0  # inputs with an outcome so far
         self.isolate = None  # after a crash: run one input per RESULT from this offset, to learn who crashes
         self.deaths = {}  # offset -> executor deaths while the input at that offset was running
@@ -43,62 +45,72 @@ class Batch:
 
 class Job:
     def __init__(self, ident, header, payload, owner):
-        function = payload[0]
-        self.id = field(header, "j", bytes)
+        """header has passed P.check."""
+        functions = header.get("fn", 1)
+        if len(payload) < functions:
+            raise P.ProtocolError("SUBMIT without its function")
+        self.id = header["j"]
         self.client = ident  # the client socket to send results to
-        self.client_id = field(header, "c", bytes, b"")
+        self.client_id = header.get("c", b"")
         self.owner = owner  # the submitter's role: only it may feed, end or cancel the job, or see it
-        self.function, self.digest = function, header["d"]
-        self.cpu = float(field(header, "cpu", (int, float), 1))
-        self.ram = float(field(header, "ram", (int, float), 0))
+        self.function, self.digest = list(payload[:functions]), header["d"]
+        self.cpu = float(header.get("cpu", 1))
+        self.ram = float(header.get("ram", 0))
         self.gpu = gpu_request(header.get("gpu"))
-        self.par = field(header, "par", (int, type(None)))
-        self.total = field(header, "n", (int, type(None)))  # inputs in all, if the client knows
+        self.par = header.get("par")
+        self.total = header.get("n")  # inputs in all, if the client knows
         # r: retries, t: timeout, c: go on after a failed call
-        self.options = field(header, "o", (dict, type(None))) or {}
-        self.env = field(header, "env", (dict, type(None)))  # see burla.env; None: each worker's own
-        self.env_key = None
-        if self.env is not None:
-            self.env_key = field(self.env, "k", str)
-            if not ENV_KEY.fullmatch(self.env_key):
-                raise P.ProtocolError("SUBMIT with a malformed environment key")
-        self.archive = payload[1] if len(payload) > 1 else None  # the job's local packages
-        self.image = field(self.env, "img", (str, type(None))) if self.env is not None else None
+        self.options = header.get("o") or {}
+        self.env = header.get("env")  # see burla.env; None: each worker's own
+        self.env_key = self.env["k"] if self.env is not None else None
+        self.archive = list(payload[functions:]) or None  # the job's local packages
+        self.image = self.env.get("img") if self.env is not None else None
+        self.parent = (header["pa"]["j"], header["pa"]["s"]) if "pa" in header else None  # a nested job's caller
+        self.stuck = 0  # heartbeats for which this nested job could get no slot at all
         self.queue = collections.deque()
+        self.pending = {}  # batch start -> bytes, for the batches the client sent that are not complete: its credit
+        self.pending_bytes = 0
+        self.told = 0  # the most slots the client was told fit (its window is P.window of that)
         self.slots = set()
         self.started = time.time()
         self.done = 0
         self.failed = 0  # calls that raised (or crashed, or timed out)
         self.sent = 0  # inputs the client has submitted so far
+        self.dropped_lines = 0  # log lines its client was too far behind to take, not yet reported
 
-
-def field(header, key, kind, default=None):
-    """header[key] if it is of the expected type (bool is not a number), else ProtocolError."""
-    value = header.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise P.ProtocolError(f"field {key!r} is not {getattr(kind, '__name__', kind)}")
-    return value
+    def complete(self, batch):
+        size = self.pending.pop(batch.start, None)
+        if size is not None:
+            self.pending_bytes -= size
 
 
 class Worker:
     def __init__(self, ident, header):
+        """header has passed P.check."""
         self.ident = ident
-        self.id = field(header, "w", str)
-        self.host = field(header, "host", str, "?")
-        self.pid = field(header, "pid", (int, type(None)))
-        self.nslots = field(header, "slots", int, 1)
-        self.cpu = float(field(header, "cpu", (int, float), 1))
-        self.ram = float(field(header, "ram", (int, float), 0))
-        self.gpus = field(header, "gpu", list, [])
-        self.env = field(header, "env", (str, type(None)))  # the key of the worker's own environment
-        self.runtime = field(header, "ctr", (str, type(None)))  # container runtime: None, "?" (not known yet), name
+        self.id = header["w"]
+        self.host = header.get("host", "?")
+        self.pid = header.get("pid")
+        self.nslots = header["slots"]
+        self.cpu = float(header.get("cpu", 1))
+        self.ram = float(header.get("ram", 0))
+        self.gpus = header.get("gpu", [])
+        self.env = header.get("env")  # the key of the worker's own environment
+        self.runtime = header.get("ctr")  # container runtime: None, "?" (not known yet), name
         self.failed_envs = {}  # environment key -> (why this worker could not prepare it, when)
-        if not (0 < self.nslots <= 100_000 and self.cpu >= 0 and self.ram >= 0) or \
-                not all(isinstance(g, str) for g in self.gpus):
-            raise P.ProtocolError("REGISTER with impossible resources")
-        self.free_cpu, self.free_ram, self.free_gpus = self.cpu, self.ram, list(self.gpus)
+        self.claims = {}  # slot identity -> (cpu, ram, gpus) its job holds; what is free is derived from these
         self.slots = set()
         self.last_seen = time.monotonic()
+
+    def free(self):
+        """(cpu, ram, gpus) not claimed by a slot's job: derived from the claims that exist, never a running sum,
+        so no sequence of messages can make them drift."""
+        cpu, ram, gpus = self.cpu, self.ram, list(self.gpus)
+        for c, r, claimed in self.claims.values():
+            cpu, ram = cpu - c, ram - r
+            for g in claimed:
+                gpus.remove(g)
+        return cpu, ram, gpus
 
     def env_failed(self, key):
         """Why this worker could not prepare that environment lately (a minute: the cause may pass), or None."""
@@ -123,22 +135,10 @@ class Worker:
             self.cpu >= job.cpu and self.ram >= job.ram and gpus_match(self.gpus, job.gpu)
 
     def fits(self, job):
-        return self.takes_env(job, confirmed=True) and \
-            self.free_cpu >= job.cpu and self.free_ram >= job.ram and gpus_match(self.free_gpus, job.gpu)
-
-    def take(self, claim):
-        cpu, ram, gpus = claim
-        self.free_cpu -= cpu
-        self.free_ram -= ram
-        for g in gpus:
-            if g in self.free_gpus:
-                self.free_gpus.remove(g)
-
-    def give(self, claim):
-        cpu, ram, gpus = claim
-        self.free_cpu += cpu
-        self.free_ram += ram
-        self.free_gpus.extend(gpus)
+        if not self.takes_env(job, confirmed=True):
+            return False
+        cpu, ram, gpus = self.free()
+        return cpu >= job.cpu and ram >= job.ram and gpus_match(gpus, job.gpu)
 
 
 class Slot:
@@ -146,20 +146,23 @@ class Slot:
         self.ident, self.name, self.worker_id, self.pid = ident, name, worker_id, pid
         self.env = env  # key of the environment its executor runs in
         self.preparing = None  # key of the environment its worker is switching it to (it takes nothing meanwhile)
+        self.owner = None  # the role whose calls this executor has run: it never runs another's (None: fresh)
         self.job = None
-        self.claim = None  # (cpu, ram, gpus) held on the worker while bound to a job
         self.inflight = collections.OrderedDict()  # (job id, start) -> (Job, Batch)
-        self.credit = PREFETCH
+        self.credit = P.PREFETCH
         self.functions = collections.OrderedDict()  # digests this slot has cached, in LRU order
+
+    def may_serve(self, job):
+        return self.owner is None or self.owner == job.owner
 
 
 def gpu_request(spec):
-    """None | count | "A100" | "A100:2" -> (type or None, count)."""
-    if spec in (None, 0, "", False):
+    """None | count | "A100" | "A100:2" (checked by P.check) -> (type or None, count)."""
+    if spec in (None, 0, ""):
         return (None, 0)
     if isinstance(spec, int):
         return (None, spec)
-    name, _, count = str(spec).partition(":")
+    name, _, count = spec.partition(":")
     return (name or None, int(count or 1))
 
 
@@ -170,10 +173,18 @@ def gpus_match(available, request):
     return sum(1 for g in available if g.lower() == kind.lower()) >= count
 
 
+class Backlog:
+    __slots__ = ("items", "bytes")
+
+    def __init__(self):
+        self.items, self.bytes = collections.deque(), 0
+
+
 class Broker:
     def __init__(self, bind, parent_fd=None, keys=None):
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.ROUTER)
+        self.keys = keys
         self.auth = keys.serve(self.ctx, self.sock) if keys is not None else None  # held: its thread serves ZAP
         self.sock.bind(bind)
         self.drops, self.drops_logged = 0, 0.0
@@ -188,12 +199,13 @@ class Broker:
         self.stopping = {}  # slot identity -> when to kill its executor if its cancelled call still runs
         self.watchers = {}  # connection identity -> (role, when its WATCH expires)
         self.recent = collections.deque(maxlen=20)  # finished jobs, for dashboards
+        self.backlogs = {}  # client connection -> Backlog of what its full queue could not take yet
         self.dirty = False
         self.handlers = {
             P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_cancel,
             P.STATUS: self.on_status, P.RESULT: self.on_result, P.LOG: self.on_log, P.READY: self.on_ready,
             P.REGISTER: self.on_register, P.SLOT_DIED: self.on_slot_died, P.HEARTBEAT: self.on_heartbeat,
-            P.ENV: self.on_env, P.WATCH: self.on_watch,
+            P.ENV: self.on_env, P.WATCH: self.on_watch, P.SLOT_KEY: self.on_slot_key,
         }
 
     # ---------------------------------------------------------------- loop
@@ -207,6 +219,8 @@ class Broker:
         while True:
             wake = [next_beat, *self.stopping.values()] + ([next_push] if self.watchers else [])
             timeout = max(0.0, min(wake) - time.monotonic())
+            if self.backlogs:
+                timeout = min(timeout, 0.005)  # a full queue has no "writable" event per peer: look again soon
             events = dict(poller.poll(timeout * 1000))
             if self.parent_fd is not None and self.parent_fd in events:
                 break  # the process that started us is gone (the pipe's write end closed)
@@ -214,32 +228,48 @@ class Broker:
                 for _ in range(1000):  # drain, but let heartbeats through under a flood
                     try:
                         self.handle(*P.recv_routed(self.sock))
+                    except P.VersionMismatch as e:
+                        self.send_raw(e.ident, P.version_notice())
+                        self.dropped(str(e))
                     except P.ProtocolError as e:
                         self.dropped(str(e))
-                    except (KeyError, TypeError, ValueError, AttributeError) as e:
-                        self.dropped(f"{type(e).__name__}: {e}")
                     except Exception:  # a bug in one handler must not take the cluster down: say it, go on
                         log.exception("a message failed to handle")
                     if not self.sock.poll(0):
                         break
-            if self.stopping:
-                self.check_stopping()
-            if self.dirty:
-                self.dispatch()
+            for step, due in ((self.flush_backlogs, self.backlogs), (self.check_stopping, self.stopping),
+                              (self.dispatch, self.dirty)):
+                if due:
+                    self.guarded(step)
             if self.watchers and time.monotonic() >= next_push:
-                self.push_state()
+                self.guarded(self.push_state)
                 next_push = time.monotonic() + P.WATCH_INTERVAL
             if time.monotonic() >= next_beat:
-                self.beat()
+                self.guarded(self.beat)
                 next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
         self.sock.close(0)
 
+    def guarded(self, step):
+        try:
+            step()
+        except Exception:
+            log.exception("%s failed", step.__name__)
+
     def handle(self, ident, role, command, header, payload):
+        """Check the message where it enters (its command is allowed for the sender's role, every field is of its
+        type and range), then hand it to its handler, which can trust it."""
         handler = self.handlers.get(command)
         if handler is None:
             raise P.ProtocolError(f"unknown command {command!r}")
-        if role is not None and command not in (P.WORKER_COMMANDS if role == "worker" else P.CLIENT_COMMANDS):
-            raise P.ProtocolError(f"a {role.partition(':')[0]} may not send {command!r}")
+        if role is not None:
+            kind, _, name = role.partition(":")
+            allowed = {"worker": P.WORKER_COMMANDS, "slot": P.SLOT_COMMANDS}.get(kind, P.CLIENT_COMMANDS)
+            if command not in allowed:
+                raise P.ProtocolError(f"a {kind} may not send {P.NAMES.get(command, command)}")
+        P.check(command, header)
+        if role is not None and kind == "slot" and command == P.READY and \
+                (header["s"] != name or not name.startswith(header["w"] + "/")):
+            raise P.ProtocolError("READY for another slot")
         handler(ident, header, payload, role)
 
     def dropped(self, why):
@@ -250,30 +280,77 @@ class Broker:
             log.warning("dropped %d malformed or forbidden message(s); latest: %s", self.drops, why)
             self.drops, self.drops_logged = 0, now
 
-    def send(self, ident, command, header, payload=()):
-        """Send, reporting whether the peer is still connected (ROUTER_MANDATORY)."""
+    def send(self, ident, command, header, payload=(), keep=False, strict=False):
+        """Send without ever blocking; False only if the peer is gone (ROUTER_MANDATORY). A peer whose queue is
+        full is behind: a message that must reach it (keep) waits in its backlog, in order; any other is dropped,
+        unless strict, when a full queue counts as gone (an executor holds only its credit's worth)."""
+        backlog = self.backlogs.get(ident)
+        if backlog is not None and keep:
+            return self.keep(ident, backlog, command, header, payload)
         try:
-            P.send(self.sock, command, header, payload, ident=ident)
+            P.send(self.sock, command, header, payload, ident=ident, flags=zmq.NOBLOCK)
             return True
+        except zmq.Again:
+            if keep:
+                backlog = self.backlogs[ident] = Backlog()
+                return self.keep(ident, backlog, command, header, payload)
+            return not strict
         except zmq.ZMQError as e:
             if e.errno != zmq.EHOSTUNREACH:
                 raise
             return False
 
+    def send_raw(self, ident, frames):
+        try:
+            self.sock.send_multipart([ident, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def keep(self, ident, backlog, command, header, payload):
+        size = len(header) + sum(len(f) for f in payload)
+        job = self.jobs.get(header.get("j"))
+        if command == P.LOG and backlog.bytes > LOG_BACKLOG:
+            if job is not None:
+                job.dropped_lines += len(header["l"])
+            return True
+        backlog.items.append((command, header, payload))
+        backlog.bytes += size
+        if backlog.bytes > BACKLOG_MAX:
+            del self.backlogs[ident]
+            for other in [j for j in self.jobs.values() if j.client == ident]:
+                log.warning("job %s cancelled: its client stopped reading (%d MB waiting for it)",
+                            other.id.hex(), backlog.bytes >> 20)
+                self.drop_job(other.id)
+        return True
+
+    def flush_backlogs(self):
+        for ident, backlog in list(self.backlogs.items()):
+            while backlog.items:
+                command, header, payload = backlog.items[0]
+                try:
+                    P.send(self.sock, command, header, payload, ident=ident, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:  # gone
+                    backlog.items.clear()
+                    break
+                backlog.items.popleft()
+                backlog.bytes -= len(header) + sum(len(f) for f in payload)
+            if not backlog.items:
+                del self.backlogs[ident]
+
     # ---------------------------------------------------------------- clients
     def on_submit(self, ident, h, payload, role=None):
-        if not payload:
-            raise P.ProtocolError("SUBMIT without a function")
         job = Job(ident, h, payload, role)
         if job.id in self.jobs:
             raise P.ProtocolError("SUBMIT of a job id already in use")
         self.clients[job.client_id] = time.monotonic()
         if self.workers and not any(w.could_fit(job) for w in self.workers.values()):
-            self.send(ident, P.REJECTED, self.no_fit(job))
+            self.send(ident, P.REJECTED, self.no_fit(job), keep=True)
             return
         self.jobs[job.id] = job
         self.order.append(job.id)
-        self.send(ident, P.ACCEPTED, {"j": job.id, "s": self.fitting_slots(job)})
+        self.send(ident, P.ACCEPTED, {"j": job.id, "s": self.told(job)}, keep=True)
 
     def no_fit(self, job):
         """The REJECTED for a job no worker can run: because of its environment, or of its needs."""
@@ -299,11 +376,29 @@ class Broker:
         n = sum(len(w.slots) if w.could_fit(job) else 0 for w in self.workers.values())
         return min(n, job.par) if job.par else n
 
+    def told(self, job):
+        """The slots that fit the job, as the client is told: its window of batches follows, and is held to."""
+        n = self.fitting_slots(job)
+        job.told = max(job.told, n)
+        return n
+
     def on_batch(self, ident, h, payload, role=None):
-        job = self.jobs.get(h.get("j"))
-        if job is None or job.owner != role:
+        job = self.jobs.get(h["j"])
+        if job is None or job.owner != role or job.client != ident:
             return  # cancelled or finished: the client will not wait for it
         batch = Batch(h, payload)
+        if batch.start in job.pending:
+            raise P.ProtocolError("BATCH of a range already sent")
+        # The client's credit: at most its window of batches, and of bytes unless it has none out (one input may
+        # be larger than the window). Past it, the job ends: an honest client never gets there.
+        if len(job.pending) >= P.window(job.told) or (job.pending and job.pending_bytes >= P.MAX_OUTSTANDING_BYTES):
+            self.send(ident, P.REJECTED, {"j": job.id, "t": "credit", "e": (
+                f"the client sent more than its window ({len(job.pending)} batches, {job.pending_bytes} bytes "
+                "without outcomes): the job was ended")}, keep=True)
+            self.drop_job(job.id, "failed")
+            return
+        job.pending[batch.start] = batch.size
+        job.pending_bytes += batch.size
         job.queue.append(batch)
         job.sent = max(job.sent, batch.start + batch.n)
         self.dirty = True
@@ -317,11 +412,12 @@ class Broker:
     def finish(self, ident, h, role, state):
         """END (every outcome is in) and CANCEL alike: the job's owner is done with it. A CANCEL may come from
         another connection of the same owner (a dashboard): then the job's client is told."""
-        job = self.jobs.get(h.get("j"))
+        job = self.jobs.get(h["j"])
         if job is not None and job.owner == role:
             if ident != job.client:
                 self.send(job.client, P.REJECTED, {"j": job.id, "t": "cancelled", "e": "the job was cancelled "
-                                                   "from another connection (the JupyterLab panel, say)"})
+                                                   "from another connection (the JupyterLab panel, say)"},
+                          keep=True)
             self.drop_job(job.id, state)
 
     def drop_job(self, job_id, state="cancelled"):
@@ -366,6 +462,9 @@ class Broker:
     def on_heartbeat(self, ident, h, payload, role=None):
         if "c" in h:
             self.clients[h["c"]] = time.monotonic()
+            # answered on the client's heartbeat connection, which no large message holds up: a client judges
+            # the broker alive by it while a big result is still arriving on the job's connection
+            self.send(ident, P.HEARTBEAT, {})
         else:
             worker = self.worker_by_ident(ident, h)
             if worker is None:
@@ -374,7 +473,7 @@ class Broker:
                 worker.last_seen = time.monotonic()
 
     def on_status(self, ident, h, payload, role=None):
-        self.send(ident, P.STATUS, self.state(role))
+        self.send(ident, P.STATUS, self.state(role))  # (dropped if the asker does not read its answers)
 
     def state(self, role=None):
         """Workers, and the jobs the asker may see: its own (everything, on an unauthenticated socket)."""
@@ -434,13 +533,13 @@ class Broker:
         for slot in self.slots.values():
             if slot.worker_id == worker.id:
                 worker.slots.add(slot.ident)
-                if slot.claim is not None:
-                    worker.take(slot.claim)
+                if old is not None and slot.ident in old.claims:
+                    worker.claims[slot.ident] = old.claims[slot.ident]
         self.send(ident, P.HEARTBEAT, {})
         self.dirty = True
         for job in list(self.jobs.values()):  # jobs that came before any worker: can this cluster run them?
             if job.done == 0 and not any(w.could_fit(job) for w in self.workers.values()):
-                self.send(job.client, P.REJECTED, self.no_fit(job))
+                self.send(job.client, P.REJECTED, self.no_fit(job), keep=True)
                 self.drop_job(job.id)
         if old is None:
             log.info("worker %s joined from %s with %d slots", worker.id, worker.host, worker.nslots)
@@ -448,13 +547,13 @@ class Broker:
     def on_ready(self, ident, h, payload, role=None):
         """An executor holds nothing and can take k batches: at start, after a restart, or after a rejoin (maybe
         over a new connection). What the slot of that name held before runs again."""
-        worker_id, name = field(h, "w", str), field(h, "s", str)
+        worker_id, name = h["w"], h["s"]
         if not name.startswith(worker_id + "/"):
             raise P.ProtocolError("READY for a slot of another worker")
         for old in {self.slots.get(ident), self.slots.get(self.slot_names.get(name))} - {None}:
             self.remove_slot(old, "restarted" if old.pid != h.get("pid") else "dropped its tasks")
-        slot = Slot(ident, name, worker_id, field(h, "pid", (int, type(None))), field(h, "env", (str, type(None))))
-        slot.credit = min(max(field(h, "k", int, PREFETCH), 1), PREFETCH)
+        slot = Slot(ident, name, worker_id, h.get("pid"), h.get("env"))
+        slot.credit = h.get("k", P.PREFETCH)
         self.slots[ident] = slot
         self.slot_names[name] = ident
         worker = self.workers.get(slot.worker_id)
@@ -462,44 +561,66 @@ class Broker:
             worker.slots.add(ident)
         self.dirty = True
 
+    def on_slot_key(self, ident, h, payload, role=None):
+        """The key a slot's next executor connects with (over TCP): admitted as that slot, and only that slot; the
+        key of its previous executor is no longer admitted."""
+        if self.worker_by_ident(ident, h) is None or not h["s"].startswith(h["w"] + "/"):
+            raise P.ProtocolError("SLOT_KEY for a slot of another worker")
+        if self.keys is not None:
+            self.keys.admit_slot(h["s"], h["p"])
+
     def on_slot_died(self, ident, h, payload, role=None):
-        slot = self.slots.get(self.slot_names.get(h.get("s")))
-        if slot is not None and slot.worker_id == h.get("w"):
-            at = h.get("at") if isinstance(h.get("at"), dict) else {}
+        slot = self.slots.get(self.slot_names.get(h["s"]))
+        if slot is not None and slot.worker_id == h["w"] and self.worker_by_ident(ident, h) is not None:
+            at = h.get("at") or {}
             if h.get("timeout"):
                 self.remove_slot(slot, "its call ran past the job's timeout and was killed", at, timed_out=True)
             else:
                 self.remove_slot(slot, f"its process exited with {describe_exit(h.get('code'))}", at)
 
     def on_result(self, ident, h, payload, role=None):
+        """Results of a batch the slot holds; anything else (late, forged, of another job) is dropped."""
         slot = self.slots.get(ident)
-        job = self.jobs.get(h.get("j"))
         if slot is None:
             self.send(ident, P.RECONNECT, {})
-        else:
-            key = (h.get("j"), h.get("i"))
-            entry = slot.inflight.get(key)
-            if entry is not None:
-                batch = entry[1]
-                batch.progress = max(batch.progress, h.get("o", 0) + h.get("k", 0) + len(h.get("e") or ()))
-                if h.get("f"):
-                    del slot.inflight[key]
-                    slot.credit += 1
-                    self.dirty = True
-                    if slot.job is not None and slot.job.id not in self.jobs and not slot.inflight:
-                        self.unbind(slot)  # a cancelled job's last call has stopped
-        if job is not None:
-            job.done += h.get("k", 0) + len(h.get("e") or ())
-            job.failed += len(h.get("e") or ())
-            self.send(job.client, P.RESULT, h, payload)
+            return
+        key = (h["j"], h["i"])
+        entry = slot.inflight.get(key)
+        if entry is None:
+            return
+        job, batch = entry
+        errors = h.get("e") or ()
+        end = h.get("o", 0) + h.get("k", 0) + len(errors)
+        if end > batch.n or len(h.get("z") or ()) > len(payload) or \
+                not all(batch.start <= e["i"] < batch.start + batch.n for e in errors):
+            raise P.ProtocolError("RESULT outside its batch")
+        batch.progress = max(batch.progress, end)
+        if h.get("f"):
+            del slot.inflight[key]
+            slot.credit += 1
+            job.complete(batch)
+            self.dirty = True
+            if slot.job is not None and slot.job.id not in self.jobs and not slot.inflight:
+                self.unbind(slot)  # a cancelled job's last call has stopped
+        if self.jobs.get(job.id) is job:
+            job.done += h.get("k", 0) + len(errors)
+            job.failed += len(errors)
+            self.send(job.client, P.RESULT, h, payload, keep=True)
 
     def on_log(self, ident, h, payload, role=None):
-        job = self.jobs.get(h.get("j"))
-        if job is not None:
-            self.send(job.client, P.LOG, h, payload)
-            for watcher, (watcher_role, _) in self.watchers.items():
-                if watcher_role == job.owner and watcher != job.client:
-                    self.send_watcher(watcher, P.LOG, h, payload)
+        slot = self.slots.get(ident)
+        job = self.jobs.get(h["j"])
+        if job is None or slot is None or not (slot.job is job or any(k[0] == job.id for k in slot.inflight)):
+            return  # lines of a job this slot does not serve (a thread a finished call left behind, say)
+        if job.dropped_lines:
+            h = dict(h, x=job.dropped_lines)
+        backlog = self.backlogs.get(job.client)
+        if backlog is None or backlog.bytes <= LOG_BACKLOG:
+            job.dropped_lines = 0
+        self.send(job.client, P.LOG, h, payload, keep=True)
+        for watcher, (watcher_role, _) in self.watchers.items():
+            if watcher_role == job.owner and watcher != job.client:
+                self.send_watcher(watcher, P.LOG, h, payload)
 
     def remove_slot(self, slot, why, at=None, timed_out=False):
         """Forget a slot whose executor is gone, and run what it held again. at: the input its call was running,
@@ -540,17 +661,18 @@ class Broker:
             deaths = batch.deaths[culprit] = batch.deaths.get(culprit, 0) + 1
             if deaths >= MAX_ATTEMPTS or timed_out:
                 index = batch.start + culprit
-                error = {"i": index, "type": "burla.WorkerDiedError", "tb": "", "input": "",
-                         "msg": f"input {index} was running when its worker process died, {deaths} times "
-                                f"(last time {why})"}
+                error = P.error_record(index, "burla.WorkerDiedError",
+                                       f"input {index} was running when its worker process died, {deaths} times "
+                                       f"(last time {why})")
                 if timed_out:
                     error.update(type="burla.CallTimeoutError", msg=f"input {index}: {why}")
                 batch.skip.add(culprit)
                 job.done += 1
                 job.failed += 1
                 self.send(job.client, P.RESULT, {"j": job.id, "i": batch.start, "o": culprit, "k": 0,
-                                                 "e": [error], "f": 0})
+                                                 "e": [error], "f": 0}, keep=True)
         if batch.skip.issuperset(range(batch.progress, batch.n)):
+            job.complete(batch)
             return  # nothing left to run
         if running:
             batch.isolate = batch.progress
@@ -559,10 +681,10 @@ class Broker:
     # ---------------------------------------------------------------- scheduling
     def bind(self, slot, worker, job):
         kind, count = job.gpu
-        gpus = [g for g in worker.free_gpus if kind is None or g.lower() == kind.lower()][:count]
-        slot.claim = (job.cpu, job.ram, gpus)
-        worker.take(slot.claim)
+        gpus = [g for g in worker.free()[2] if kind is None or g.lower() == kind.lower()][:count]
+        worker.claims[slot.ident] = (job.cpu, job.ram, gpus)
         slot.job = job
+        slot.owner = job.owner  # from now on this executor serves only this owner
         job.slots.add(slot)
 
     def unbind(self, slot):
@@ -572,9 +694,8 @@ class Broker:
         job.slots.discard(slot)
         slot.job = None
         worker = self.workers.get(slot.worker_id)
-        if worker is not None and slot.claim is not None:
-            worker.give(slot.claim)
-        slot.claim = None
+        if worker is not None:
+            worker.claims.pop(slot.ident, None)
 
     def pick_job(self, slot, worker):
         for _ in range(len(self.order)):
@@ -583,8 +704,8 @@ class Broker:
                 self.order.popleft()
                 continue
             self.order.rotate(-1)
-            if job.queue and (not job.par or len(job.slots) < job.par) and worker.fits(job) and \
-                    slot.env == worker.target(job):
+            if job.queue and (not job.par or len(job.slots) < job.par) and slot.may_serve(job) and \
+                    slot.env == worker.target(job) and worker.fits(job):
                 self.bind(slot, worker, job)
                 return job
         return None
@@ -636,8 +757,10 @@ class Broker:
                 if want <= 0:
                     break
                 worker = self.workers.get(slot.worker_id)
-                if worker is None or not worker.fits(job) or slot.env == worker.target(job) or \
-                        any(slot.env == worker.target(other) for other in active):
+                # (a slot of another owner is restarted in place: an executor never serves two API keys)
+                if worker is None or not worker.fits(job) or \
+                        (slot.env == worker.target(job) and slot.may_serve(job)) or \
+                        any(slot.env == worker.target(other) and slot.may_serve(other) for other in active):
                     continue
                 idle.remove(slot)
                 slot.preparing = worker.target(job)
@@ -646,7 +769,7 @@ class Broker:
         for (worker_id, job_id), names in asks.items():
             job, worker = self.jobs[job_id], self.workers[worker_id]
             spec = job.env if job.env is not None else {"k": worker.env, "own": 1}
-            self.send(worker.ident, P.PREPARE, {"s": names, "e": spec}, [job.archive] if job.archive else [])
+            self.send(worker.ident, P.PREPARE, {"s": names, "e": spec}, job.archive or [])
 
     def on_env(self, ident, h, payload, role=None):
         """A worker's news about preparing an environment: pass it on to the jobs waiting for it; a failure ends
@@ -654,11 +777,11 @@ class Broker:
         worker = self.worker_by_ident(ident, h)
         if worker is None:
             return
-        key, state = field(h, "k", str), field(h, "st", str)
+        key, state = h["k"], h["st"]
         for job in [j for j in self.jobs.values() if worker.target(j) == key]:
-            self.send(job.client, P.ENV, dict(h, j=job.id))
+            self.send(job.client, P.ENV, dict(h, j=job.id), keep=True)
         if state == "failed":
-            worker.failed_envs[key] = (str(h.get("m")), time.monotonic())  # not asked again; others may manage
+            worker.failed_envs[key] = (h.get("m", ""), time.monotonic())  # not asked again; others may manage
             for name in worker.slots:
                 slot = self.slots.get(name)
                 if slot is not None and slot.preparing == key:
@@ -666,7 +789,7 @@ class Broker:
             self.dirty = True
         for job in [j for j in self.jobs.values() if worker.target(j) == key]:
             if state == "failed" and not any(w.could_fit(job) for w in self.workers.values()):
-                self.send(job.client, P.REJECTED, self.no_fit(job))
+                self.send(job.client, P.REJECTED, self.no_fit(job), keep=True)
                 self.drop_job(job.id)
 
     def send_task(self, slot, job, batch):
@@ -681,12 +804,14 @@ class Broker:
         if job.digest in slot.functions:
             slot.functions.move_to_end(job.digest)
         else:
-            header["f"] = 1
-            payload = [job.function, *payload]
+            header["f"] = len(job.function)
+            payload = [*job.function, *payload]
+            if self.keys is not None and job.owner:  # nested calls go to this cluster as the same user
+                header["ak"] = self.keys.api_key_of(job.owner)
             slot.functions[job.digest] = True
-            if len(slot.functions) > FUNCTION_CACHE:
+            if len(slot.functions) > P.FUNCTION_CACHE:
                 slot.functions.popitem(last=False)
-        if not self.send(slot.ident, P.TASK, header, payload):
+        if not self.send(slot.ident, P.TASK, header, payload, strict=True):
             job.queue.appendleft(batch)
             self.remove_slot(slot, "unreachable")
             return
@@ -709,10 +834,26 @@ class Broker:
                     log.warning("job %s cancelled: its client went silent", job.id.hex())
                     self.drop_job(job.id)
         for job in list(self.jobs.values()):
-            if not self.send(job.client, P.HEARTBEAT, {"j": job.id, "s": self.fitting_slots(job)}):
+            if not self.send(job.client, P.HEARTBEAT, {"j": job.id, "s": self.told(job)}):
                 self.drop_job(job.id)
+        self.end_stuck_nested()
         if self.dirty:
             self.dispatch()
+
+    def end_stuck_nested(self):
+        """A nested job (submitted by a call) that no slot can ever take, because every slot that could run it
+        holds a call waiting for a nested job, ends with a clear error instead of hanging its caller."""
+        waiting = {j.parent[1] for j in self.jobs.values() if j.parent}
+        for job in [j for j in self.jobs.values() if j.parent and j.queue and not j.slots]:
+            fitting = [s for w in self.workers.values() if w.could_fit(job)
+                       for s in map(self.slots.get, w.slots) if s is not None]
+            job.stuck = job.stuck + 1 if fitting and all(s.name in waiting for s in fitting) else 0
+            if job.stuck >= 2:
+                self.send(job.client, P.REJECTED, {"j": job.id, "t": "nested", "e": (
+                    f"this nested remote_parallel_map can never start: all {len(fitting)} slots that could run it "
+                    "are held by calls waiting for nested jobs. Give the outer job max_parallelism below the "
+                    "cluster's slots, or add workers")}, keep=True)
+                self.drop_job(job.id, "failed")
 
 
 def describe_exit(code):

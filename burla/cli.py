@@ -36,7 +36,9 @@ def main(argv=None):
     p.add_argument("--ram", type=float, help="GB of RAM to advertise (default: this host's)")
     p.add_argument("--gpus", default="", help="GPUs to advertise: 'A100:4', '2' or 'A100,T4'")
     p.add_argument("--name", help="worker id (default: HOST-PID)")
-    p.add_argument("--token", help="the broker's worker token, bw1-... (default: $BURLA_WORKER_TOKEN)")
+    p.add_argument("--token-file", help="a file (mode 0600) holding the broker's worker token, bw1-... (default: "
+                                        "$BURLA_WORKER_TOKEN)")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # (puts the token in every process's command line)
     p.add_argument("--env-cache", help="folder of the jobs' virtual environments, shared by the workers of a host "
                                        "(default: $BURLA_ENV_CACHE or ~/.cache/burla/envs)")
     p.add_argument("--env-cache-gb", type=float, default=20.0,
@@ -90,12 +92,24 @@ def main(argv=None):
 
         if args.slots is not None and args.slots < 1:
             parser.error("--slots must be at least 1")
-        token = args.token or os.environ.pop("BURLA_WORKER_TOKEN", None)
+        token = os.environ.pop("BURLA_WORKER_TOKEN", None)
+        if args.token_file:
+            try:
+                with open(args.token_file) as f:
+                    token = next((line.strip() for line in f if line.strip()), "")
+            except OSError as e:
+                parser.error(f"--token-file: {e}")
+        elif args.token:
+            token = args.token
+            print("burla worker: --token shows the token to every process on this host (in its command line): "
+                  "use $BURLA_WORKER_TOKEN or --token-file", file=sys.stderr)
+        if token:
+            security.hide_process()
         if args.broker.startswith("tcp://") and token:
             try:
                 security.parse(token, security.WORKER)
             except ValueError as e:
-                parser.error(f"--token: {e}")
+                parser.error(f"worker token: {e}")
         worker_main(args.broker, args.slots, args.cpu, args.ram, parse_gpus(args.gpus), args.name, args.parent_fd,
                     token if args.broker.startswith("tcp://") else None, args.env_cache, args.env_cache_gb,
                     args.containers)
@@ -132,7 +146,8 @@ def broker(args):
         os.chmod(keys.folder / "client.toml", 0o600)
         print(f"burla broker on {args.bind}, CURVE-encrypted; keys in {keys.folder}\n"
               f"  clients: burla login {address} --api-key {keys.api_keys[0]}\n"
-              f"  workers: burla worker --broker {address} --token {keys.worker_tokens[0]}", flush=True)
+              f"  workers: BURLA_WORKER_TOKEN={keys.worker_tokens[0]} burla worker --broker {address}\n"
+              f"           (or --token-file {keys.folder / 'worker_tokens'})", flush=True)
     elif args.new_api_key:
         print("--new-api-key needs a tcp:// broker without --insecure", file=sys.stderr)
         return 2

@@ -23,9 +23,7 @@ from burla.progress import create as create_view
 
 TARGET_BATCH_SECONDS = 0.1
 SPLIT_MIN_SECONDS = 0.002  # work smaller than this is not worth a batch of its own (a round trip costs ~0.3 ms)
-MAX_BATCH_ITEMS = 65536
-MAX_BATCH_BYTES = 4 << 20
-MAX_OUTSTANDING_BYTES = 64 << 20
+MAX_BATCH_ITEMS, MAX_BATCH_BYTES, MAX_OUTSTANDING_BYTES = P.MAX_BATCH_ITEMS, P.MAX_BATCH_BYTES, P.MAX_OUTSTANDING_BYTES
 SILENCE_LIMIT = P.HEARTBEAT_INTERVAL * (P.HEARTBEAT_LIVENESS + 1)  # a broker this quiet is gone
 
 _connections = {}
@@ -42,7 +40,8 @@ class Connection:
         self.client_id = os.urandom(8)
         self.compress = not P.is_local(address)
         self.idle = []
-        self.refused = None  # why the broker refused our credentials, once it has
+        self.refused = None  # why the broker refused our credentials (or speaks another version), once it has
+        self.heard = time.monotonic()  # the broker's last answer to our heartbeats
         self.lock = threading.Lock()
         threading.Thread(target=self.heartbeat, daemon=True, name="burla-heartbeat").start()
 
@@ -63,18 +62,34 @@ class Connection:
             self.idle.append(sock)
 
     def heartbeat(self):
-        """Say we are alive; on a CURVE connection also watch the handshake, so that a refused API key is reported
-        at once (self.refused) instead of as a silent broker."""
+        """Say we are alive, and hear the broker answer (on a connection of its own, which no large message holds
+        up, so a job is not judged abandoned while a big result is arriving). On a CURVE connection also watch the
+        handshake, so that a refused API key is reported at once (self.refused) instead of as a silent broker."""
         sock = self.new_socket()
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.api_key else None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
+        next_beat = 0.0
         while True:
-            try:
-                P.send(sock, P.HEARTBEAT, {"c": self.client_id})
-            except zmq.Again:
-                pass
-            if monitor is None:
-                time.sleep(P.HEARTBEAT_INTERVAL)
-            elif monitor.poll(P.HEARTBEAT_INTERVAL * 1000):
+            if time.monotonic() >= next_beat:
+                try:
+                    P.send(sock, P.HEARTBEAT, {"c": self.client_id}, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
+            events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+            if sock in events:
+                while sock.poll(0):
+                    try:
+                        P.recv(sock)
+                        self.heard = time.monotonic()
+                    except P.VersionMismatch as e:
+                        self.refused = str(e)
+                    except P.ProtocolError:
+                        pass
+            if monitor is not None and monitor in events:
                 monitor.recv_multipart()
                 self.refused = f"the burla broker at {self.address} refused this API key"
 
@@ -114,17 +129,21 @@ class Job:
         self.slots = 0
         self.per_call = None  # seconds one call takes, as measured by the workers
         self.item_bytes = None
+        self.result_bytes = None  # bytes of one result: batches are bounded by the size of their results too
         self.view = create_view(spinner, self.total)  # what the user sees: terminal output, or a notebook widget
         self.return_exceptions = bool(options.get("c"))
         self.sock = conn.socket()
         self.heard = time.monotonic()
-        header = {"j": self.id, "c": conn.client_id, "d": digest, "n": self.total, "cpu": cpu, "ram": ram,
-                  "gpu": gpu, "par": parallelism, "o": options}
-        payload = [function_bytes]
+        payload = serialize.split(function_bytes)
+        header = {"j": self.id, "c": conn.client_id, "d": digest, "fn": len(payload), "n": self.total, "cpu": cpu,
+                  "ram": ram, "gpu": gpu, "par": parallelism, "o": options}
+        parent = os.environ.get("BURLA_PARENT", "")  # a call of another job (nested): its job and slot
+        if re.fullmatch(r"[0-9a-f]{16}:\S+", parent):
+            header["pa"] = {"j": bytes.fromhex(parent[:16]), "s": parent[17:]}
         if environment is not None:
             header["env"] = environment.header()
             if environment.archive:
-                payload.append(environment.archive)
+                payload += serialize.split(environment.archive)
         self.closed = False
         self.send(P.SUBMIT, header, payload)
 
@@ -149,10 +168,12 @@ class Job:
                            SPLIT_MIN_SECONDS / per_call))
         if self.item_bytes:
             n = min(n, MAX_BATCH_BYTES / self.item_bytes)
+        if self.result_bytes:
+            n = min(n, MAX_BATCH_BYTES / self.result_bytes)
         return int(min(max(n, 1), MAX_BATCH_ITEMS))
 
     def fill(self):
-        window = max(4, 2 * self.slots + 2)
+        window = P.window(self.slots)  # the broker holds us to it
         while (not self.exhausted and len(self.outstanding) < window
                and (self.outstanding_bytes < MAX_OUTSTANDING_BYTES or not self.outstanding)):
             items = list(itertools.islice(self.inputs, self.batch_size()))
@@ -164,11 +185,11 @@ class Job:
 
     def send_batch(self, items):
         try:
-            flags, frames = serialize.pack(items, self.conn.compress)
+            flags, frames = serialize.pack_items(items, self.conn.compress)
         except Exception:
             for k, item in enumerate(items):
                 try:
-                    serialize.pack([item])
+                    serialize.pack_items([item])
                 except Exception as e:
                     raise TypeError(f"input {self.sent + k} could not be pickled ({type(item).__name__}): {e}") \
                         from e
@@ -193,7 +214,7 @@ class Job:
                     self.view.tick()
                     if self.conn.refused:
                         raise errors.ClusterConnectionError(self.conn.refused)
-                    if time.monotonic() - self.heard > SILENCE_LIMIT:
+                    if time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
                         raise errors.ClusterConnectionError(
                             f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
                             "(is it running, and is the API key right?)")
@@ -203,6 +224,8 @@ class Job:
                         command, header, payload = P.recv(self.sock)
                     except zmq.Again:
                         break
+                    except P.VersionMismatch as e:
+                        raise errors.ClusterConnectionError(str(e)) from None
                     self.heard = time.monotonic()
                     if header.get("j") != self.id:
                         continue  # left over from an earlier job on this socket
@@ -224,6 +247,9 @@ class Job:
         if command == P.RESULT:
             return self.on_result(header, payload)
         if command == P.LOG:
+            if header.get("x"):
+                self.view.lines(header.get("w"), [[-1, 2, f"burla: {header['x']} log lines were dropped: this "
+                                                          "program read them too slowly"]])
             self.view.lines(header.get("w"), header["l"])
         elif command in (P.ACCEPTED, P.HEARTBEAT):
             self.slots = header.get("s", self.slots)
@@ -234,6 +260,8 @@ class Job:
                 raise errors.EnvironmentBuildError(header["e"])
             if header.get("t") == "cancelled":
                 raise errors.JobCancelledError(header["e"])
+            if header.get("t") == "credit":
+                raise errors.BurlaError(header["e"])
             raise errors.NoCompatibleWorkerError(header["e"])
         return ()
 
@@ -250,9 +278,17 @@ class Job:
             call = header["t"] / header["k"]
             self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
         flags = header.get("z") or []
-        values = serialize.unpack(flags, payload[:len(flags)]) if flags else []
         offset = header.get("o", 0)
         failures = header.get("e") or []
+        values = serialize.unpack_items(flags, payload[:len(flags)]) if flags else []
+        if values:
+            size = sum(len(f) for f in payload[:len(flags)]) / len(values)
+            self.result_bytes = size if self.result_bytes is None else 0.5 * (self.result_bytes + size)
+        for k, value in enumerate(values):
+            if type(value) is serialize.Unloadable:  # that result alone failed to unpickle here
+                values[k] = unloadable_result(start + offset + k, value.error)
+                if not self.return_exceptions:
+                    raise values[k]
         if failures:
             exceptions = [remote_exception(info, payload[len(flags) + k:len(flags) + k + 1])
                           for k, info in enumerate(failures)]
@@ -332,6 +368,14 @@ def with_source_lines(tb):
     return "".join(out)
 
 
+def unloadable_result(index, error):
+    exc = errors.RemoteError(type(error).__qualname__, f"the result could not be unpickled here: {error}")
+    exc.__cause__ = error
+    exc.burla_input_index = index
+    exc.add_note(f"[burla] the result of input {index} could not be unpickled in this process")
+    return exc
+
+
 _BURLA_MADE = {"burla.WorkerDiedError": errors.WorkerDiedError, "burla.CallTimeoutError": errors.CallTimeoutError}
 
 
@@ -386,22 +430,26 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
         iter(inputs)
     except TypeError:
         raise TypeError(f"inputs must be an iterable, not {type(inputs).__name__}") from None
-    for name, value in (("func_cpu", func_cpu), ("func_ram", func_ram)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, not {value!r}")
-    if func_gpu is not None and not (isinstance(func_gpu, (int, str)) and not isinstance(func_gpu, bool)):
+    for name, value, most in (("func_cpu", func_cpu, 1e6), ("func_ram", func_ram, 1e9)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
+            raise ValueError(f"{name} must be a positive, finite number, not {value!r}")
+    if func_gpu is not None and not (
+            (isinstance(func_gpu, int) and not isinstance(func_gpu, bool) and 0 <= func_gpu <= 1024) or
+            (isinstance(func_gpu, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}(:[1-9][0-9]{0,3})?", func_gpu))):
         raise ValueError(f"func_gpu must be None, a count or a GPU type like 'A100' or 'A100:2', not {func_gpu!r}")
     if parallelism is not None:
         if max_parallelism is not None and parallelism != max_parallelism:
             raise ValueError("give max_parallelism or parallelism, not both")
         max_parallelism = None if parallelism == -1 else parallelism
-    if max_parallelism is not None and (not isinstance(max_parallelism, int) or max_parallelism < 1):
+    if max_parallelism is not None and (not isinstance(max_parallelism, int) or isinstance(max_parallelism, bool)
+                                        or not 1 <= max_parallelism < 2 ** 31):
         raise ValueError(f"max_parallelism must be a positive integer or None, not {max_parallelism!r}")
     if verbose is not None:
         spinner = verbose
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000:
         raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or
+                                not 0 < timeout <= 1e9):
         raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
     options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
     if image is not None or dockerfile is not None:

@@ -6,21 +6,27 @@ broker and forwarded zero-copy. Inputs travel in batches of consecutive input in
 index of its first input ("i") and its length ("n").
 """
 
+import math
 import os
+import re
 import struct
 
 import msgpack
 import zmq
 
-VERSION = b"B1"
+VERSION = b"B2"  # bumped whenever the wire changes: a peer of another version is told at once (VERSION_NOTICE)
+# Sent back to a peer whose message carries another protocol version: [b"", VERSION_NOTICE, {v, burla}], a form
+# every version after B1 understands, so a client or worker can say which versions meet and what to install.
+VERSION_NOTICE = b"burla-version"
 
 # client -> broker
-SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, n: inputs (if known), cpu, ram, gpu, par, o: options,
+SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, fn: frames of the function, n: inputs (if known),
+#                cpu, ram, gpu, par, o: options, pa?: {j, s}: the job and slot of the call that submits it (nested),
 #                env?: {k: key, lock, py: interpreter} or {k: "img-...", img: container image, df?: Dockerfile}
 #                (see burla.env; absent: each worker's own environment)
-#                payload: [function, local packages zip (when the env key has an archive digest)]
+#                payload: [function frames, then the local packages zip's frames (when the env key has an archive)]
 # options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job}
-BATCH = b"B"  # {j, i, n, z: compressed flags}  payload: pickled inputs
+BATCH = b"B"  # {j, i, n, z: frame flags (see burla.serialize)}  payload: pickled inputs
 END = b"E"  # {j}: the client has every outcome; the broker forgets the job
 CANCEL = b"C"  # {j}
 STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...], recent: [...]}
@@ -30,13 +36,16 @@ STATE = b"U"  # broker -> watcher: what STATUS answers
 # broker -> client
 ACCEPTED = b"A"  # {j, s: slots that fit the job}
 REJECTED = b"X"  # {j, e: message, t?: "env" when the job's environment could not be built, "cancelled" when
-#                  another connection of the same user cancelled it (a dashboard)}
+#                  another connection of the same user cancelled it (a dashboard), "nested" when a nested job can
+#                  never get a slot, "credit" when the client sent past its window}
 RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [errors], f: 1 on a batch's last,
 #                 t: seconds computing, w: slot, z}  payload: results, then one pickled exception per error
-LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...]}
+LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...], x?: lines dropped before these}
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid, env: its own environment's key,
 #                  ctr: container runtime it can run images with, None, or "?" while it finds out}
+SLOT_KEY = b"Q"  # {w, s: slot name, p: CURVE public key (z85)}: the key the slot's next executor connects with;
+#                  it replaces the slot's previous key. Executors never hold the worker token.
 ENV = b"V"  # {w, k: env key, st: "step" | "ready" | "failed", m: what is happening, t: seconds since it began}
 #             the broker passes it on to the clients of the jobs with that environment, adding j
 SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running,
@@ -44,35 +53,178 @@ SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}
 # broker -> worker
 KILL = b"K"  # {s: slot name, j: job, hard: 0 = interrupt that job's running call (SIGUSR1), 1 = kill the executor}
 PREPARE = b"P"  # {s: [slot names], e: the job's env header, or {k: the worker's own key, own: 1}}
-#                 payload: [local packages zip] if any. Find or build that environment, then restart those (idle)
-#                 slots' executors in it; they say READY with its key.
+#                 payload: [local packages zip frames] if any. Find or build that environment, then restart those
+#                 (idle) slots' executors in it; they say READY with its key. Also how a slot that changes owner
+#                 gets a fresh executor: an executor never serves two API keys.
 # executor (one slot) <-> broker
 READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid, env: key of its environment}
-TASK = b"T"  # {j, i, n, d, z, f: function frame first, o: options, x: isolate from this offset, sk: offsets
-#               to skip (inputs that already failed by crashing executors)}
-#               payload: [function,] inputs
+TASK = b"T"  # {j, i, n, d, z, f: frames of the function in front (first TASK of a job on a slot), o: options,
+#               x: isolate from this offset, sk: offsets to skip (inputs that already failed by crashing
+#               executors), ak?: the owner's API key (for nested calls), with f}
+#               payload: [function frames,] inputs
 # broker -> anyone it does not know (it restarted, or declared the peer dead): register again
 RECONNECT = b"Z"
-# any direction; any message counts as a sign of life
+# any direction; any message counts as a sign of life; the broker answers a client's with one of its own
 HEARTBEAT = b"H"
 
-# What each authenticated role may send: a worker cannot submit jobs, a client cannot post results or logs.
+NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, bytes) and len(v) == 1}
+
+# What each authenticated role may send: a worker cannot submit jobs, a client cannot post results or logs, an
+# executor ("slot:<its name>") speaks only for its own slot.
 CLIENT_COMMANDS = {SUBMIT, BATCH, END, CANCEL, STATUS, WATCH, HEARTBEAT}
-WORKER_COMMANDS = {REGISTER, READY, RESULT, LOG, SLOT_DIED, ENV, HEARTBEAT}
+WORKER_COMMANDS = {REGISTER, SLOT_KEY, SLOT_DIED, ENV, HEARTBEAT}
+SLOT_COMMANDS = {READY, RESULT, LOG, HEARTBEAT}
 
 HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead
 WATCH_INTERVAL = 0.25  # seconds between STATE pushes to watchers
 WATCH_EXPIRY = 10.0  # a watcher renews every second; a busy one (a Jupyter server under load) may be late
 
-# An error in "e": {i: input index, type: "module.Name", msg, tb: remote traceback text, input: repr}; "all": 1
-# when one error stands for every input of the batch from "o" on (the batch could not be loaded).
+# Sizes both ends hold to.
+FRAME_MAX = 256 << 10  # no frame is larger (ZMQ_MAXMSGSIZE on every socket): before authentication a peer can
+#                        make the broker buffer at most this much; payloads travel as several frames
+PREFETCH = 2  # batches a slot may hold: one running, one waiting, so a slot never idles on a round trip
+FUNCTION_CACHE = 32  # functions a slot keeps, in LRU order: the broker knows which it need not send again
+MAX_BATCH_ITEMS = 65536
+MAX_BATCH_BYTES = 4 << 20  # a batch's inputs, and a RESULT's results, are about this size at most (unless one
+#                            input or result alone is bigger)
+MAX_OUTSTANDING_BYTES = 64 << 20  # a client's inputs not yet answered, unless a single batch is bigger
+LOG_BYTES = 64 << 10  # text in one LOG message
+ENV_KEY = re.compile(r"[0-9a-f]{16}(-[0-9a-f]{12})?|img-[0-9a-f]{16}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")  # a worker id
+
+
+def window(slots):
+    """Batches a client may have without all their outcomes: enough to keep every slot's prefetch full."""
+    return max(4, PREFETCH * slots + 2)
+
+
+def slot_name(worker_id, index):
+    return f"{worker_id}/{index}"
+
+
+def error_record(index, type_name, message, tb="", value=""):
+    """How a failed call travels (in RESULT's e): the client rebuilds the exception from it, or from the pickled
+    exception frame that comes with it. "all": 1 is added when one error stands for every input of the batch from
+    the RESULT's offset on (the batch could not be loaded at all)."""
+    return {"i": index, "type": type_name, "msg": message, "tb": tb, "input": value}
 
 
 class ProtocolError(Exception):
     """A message that does not follow this protocol."""
 
 
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of this protocol."""
+
+
+# ---------------------------------------------------------------------------------------------------- checking
+# Every field of every message the broker receives is checked here, where it enters, before any handler runs: a
+# handler can then trust types and ranges, and a malformed message changes nothing.
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return (isinstance(v, float) or _is_int(v)) and math.isfinite(v)
+
+
+def integer(lo=0, hi=2 ** 53):
+    return lambda v: _is_int(v) and lo <= v <= hi
+
+
+def number(lo=0.0, hi=1e15, above=False):
+    return lambda v: _is_num(v) and (v > lo if above else v >= lo) and v <= hi
+
+
+def binary(size=None, most=64):
+    return lambda v: isinstance(v, bytes) and (len(v) == size if size is not None else len(v) <= most)
+
+
+def text(most=256, pattern=None):
+    return lambda v: isinstance(v, str) and len(v) <= most and (pattern is None or pattern.fullmatch(v) is not None)
+
+
+def optional(check):
+    return lambda v: v is None or check(v)
+
+
+def one_of(*values):
+    return lambda v: type(v) in (int, str) and v in values
+
+
+def list_of(check, most):
+    return lambda v: isinstance(v, list) and len(v) <= most and all(map(check, v))
+
+
+def record(fields, required=()):
+    """A map with only these keys (each checked), the required ones present."""
+    def check(v):
+        return (isinstance(v, dict) and all(k in v for k in required) and
+                all(k in fields and fields[k](x) for k, x in v.items()))
+    return check
+
+
+JOB_ID = binary(8)
+FLAG = one_of(0, 1)
+FLAGS = list_of(integer(0, 7), 1 << 16)
+INDEX = integer()
+SLOT = text(140)
+GPU = lambda v: v is None or (_is_int(v) and 0 <= v <= 1024) or \
+    (isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9._-]{0,64}(:[0-9]{1,4})?", v) is not None)
+ERROR = record({"i": INDEX, "type": text(512), "msg": text(1 << 16), "tb": text(1 << 17), "input": text(4096),
+                "all": FLAG}, ("i", "type", "msg"))
+LINE = lambda v: isinstance(v, list) and len(v) == 3 and _is_int(v[0]) and v[1] in (1, 2) and \
+    isinstance(v[2], str) and len(v[2]) <= LOG_BYTES
+
+SCHEMAS = {  # command -> (fields, required)
+    SUBMIT: ({"j": JOB_ID, "c": binary(most=16), "d": binary(16), "fn": integer(1, 1 << 16), "n": optional(INDEX),
+              "cpu": number(0, 1e6, above=True), "ram": number(0, 1e9), "gpu": GPU,
+              "par": optional(integer(1, 1 << 31)),
+              "o": optional(record({"r": integer(0, 1000), "t": number(0, 1e9, above=True), "c": FLAG})),
+              "pa": record({"j": JOB_ID, "s": SLOT}, ("j", "s")),
+              "env": optional(record({"k": text(64, ENV_KEY), "lock": text(1 << 20), "py": text(256),
+                                      "img": text(1024), "df": text(1 << 18)}, ("k",)))},
+             ("j", "d")),
+    BATCH: ({"j": JOB_ID, "i": INDEX, "n": integer(1, MAX_BATCH_ITEMS), "z": FLAGS}, ("j", "i", "n", "z")),
+    END: ({"j": JOB_ID}, ("j",)),
+    CANCEL: ({"j": JOB_ID}, ("j",)),
+    STATUS: ({}, ()),
+    WATCH: ({}, ()),
+    HEARTBEAT: ({"c": binary(most=16), "w": text(128), "j": JOB_ID}, ()),
+    REGISTER: ({"w": text(128, NAME), "host": text(256), "pid": optional(integer(0, 1 << 31)),
+                "slots": integer(1, 100_000), "cpu": number(0, 1e6), "ram": number(0, 1e9),
+                "gpu": list_of(text(64), 1024), "env": optional(text(64, ENV_KEY)), "ctr": optional(text(16))},
+               ("w", "slots")),
+    SLOT_KEY: ({"w": text(128), "s": SLOT, "p": binary(40)}, ("w", "s", "p")),
+    READY: ({"w": text(128), "s": SLOT, "k": integer(1, PREFETCH), "pid": optional(integer(0, 1 << 31)),
+             "env": optional(text(64, ENV_KEY))}, ("w", "s")),
+    RESULT: ({"j": JOB_ID, "i": INDEX, "o": INDEX, "k": integer(0, MAX_BATCH_ITEMS), "e": list_of(ERROR, 1024),
+              "f": FLAG, "t": number(0, 1e9), "w": SLOT, "z": FLAGS, "all": FLAG}, ("j", "i")),
+    LOG: ({"j": JOB_ID, "w": SLOT, "l": list_of(LINE, 1 << 16), "x": INDEX}, ("j", "l")),
+    SLOT_DIED: ({"w": text(128), "s": SLOT, "code": optional(integer(-256, 1 << 16)),
+                 "at": record({"j": binary(8), "i": INDEX, "o": integer(-1)}, ("j", "i", "o")), "timeout": FLAG},
+                ("w", "s")),
+    ENV: ({"w": text(128), "k": text(64, ENV_KEY), "st": one_of("step", "ready", "failed"), "m": text(1 << 17),
+           "t": number(0, 1e9)}, ("w", "k", "st")),
+}
+
+
+def check(command, header):
+    """ProtocolError unless header is a valid header for command (see SCHEMAS)."""
+    schema = SCHEMAS.get(command)
+    if schema is None:
+        raise ProtocolError(f"unknown command {command!r}")
+    fields, required = schema
+    for key in required:
+        if key not in header:
+            raise ProtocolError(f"{NAMES[command]} without {key!r}")
+    for key, value in header.items():
+        test = fields.get(key)
+        if test is None or not test(value):
+            raise ProtocolError(f"{NAMES[command]} with a bad {key!r}" if test else
+                                f"{NAMES[command]} with an unknown field {key!r}")
 
 
 def send(sock, command, header, payload=(), ident=None, flags=0):
@@ -90,16 +242,43 @@ def recv(sock):
 
 def recv_routed(sock):
     """Read one message from a ROUTER: (identity, role, command, header, payload). role is the User-Id the
-    broker's authenticator gave the connection ("worker", "client:..."), or None on an unauthenticated socket."""
+    broker's authenticator gave the connection ("worker", "slot:...", "client:..."), or None on an
+    unauthenticated socket. A VersionMismatch carries the sender's identity, to answer with VERSION_NOTICE."""
     frames = sock.recv_multipart(copy=False)
     try:
         role = frames[-1].get("User-Id")
     except zmq.ZMQError:
         role = None
-    return (frames[0].bytes, role or None, *_parse(frames[1:]))
+    try:
+        return (frames[0].bytes, role or None, *_parse(frames[1:]))
+    except VersionMismatch as e:
+        e.ident = frames[0].bytes
+        raise
+
+
+def version_notice():
+    from burla import __version__
+
+    return [b"", VERSION_NOTICE, msgpack.packb({"v": VERSION.decode(), "burla": __version__})]
 
 
 def _parse(frames):
+    if len(frames) >= 2 and frames[0].bytes == b"" and frames[1].bytes != VERSION:
+        theirs = frames[1].bytes
+        if theirs == VERSION_NOTICE and len(frames) == 3:
+            from burla import __version__
+
+            try:
+                info = msgpack.unpackb(frames[2].bytes)
+                version, release = str(info["v"]), str(info["burla"])
+            except Exception:
+                raise ProtocolError("a malformed version notice") from None
+            raise VersionMismatch(
+                f"the burla broker speaks protocol {version} (burla {release}) and this side speaks "
+                f"{VERSION.decode()} (burla {__version__}): install the broker's release here, "
+                f"pip install 'burla=={release}'")
+        if re.fullmatch(rb"B[0-9]{1,4}", theirs):
+            raise VersionMismatch(f"a peer speaks protocol {theirs.decode()}, not {VERSION.decode()}")
     if len(frames) < 4 or frames[0].bytes != b"" or frames[1].bytes != VERSION:
         raise ProtocolError(f"not a burla {VERSION.decode()} message ({len(frames)} frames)")
     try:
@@ -112,15 +291,16 @@ def _parse(frames):
 
 
 def socket(ctx, kind, credential=None, role=None):
-    """A socket with our options; with a credential (API key or worker token), CURVE to the broker it names.
-    Peers never choose their ZeroMQ identity: the broker's ROUTER assigns one per connection, so nobody can take
-    over another peer's route; names travel in headers and are checked against the sender's role."""
+    """A socket with our options; with a credential (API key, worker token or slot key), CURVE to the broker it
+    names. Peers never choose their ZeroMQ identity: the broker's ROUTER assigns one per connection, so nobody can
+    take over another peer's route; names travel in headers and are checked against the sender's role."""
     sock = ctx.socket(kind)
     if credential:
         from burla import security
 
         security.secure(sock, credential, role)
     sock.linger = 0
+    sock.maxmsgsize = FRAME_MAX + 1024  # a larger frame drops the connection (before authentication too)
     # High water marks are only a backstop: credit keeps queues short.
     sock.sndhwm = sock.rcvhwm = 100_000
     # ZMTP heartbeats: a TCP connection silent for long (a cut link) is dropped, and dialled again. Generous: a
@@ -129,6 +309,9 @@ def socket(ctx, kind, credential=None, role=None):
     sock.heartbeat_timeout = int(max(10.0, 10 * HEARTBEAT_INTERVAL) * 1000)
     if kind == zmq.ROUTER:
         sock.router_mandatory = 1  # a send to a dead peer fails loudly instead of vanishing
+        # Per peer: the broker reads fast and never waits on a peer (a peer that does not read fills its queue,
+        # then sends to it fail at once), so short queues bound what a flood can park in the broker.
+        sock.sndhwm = sock.rcvhwm = 1000
     else:
         # Retry soon (a broker started alongside may be milliseconds from binding), then back off to 1 s.
         sock.reconnect_ivl = 10

@@ -2,11 +2,15 @@
 
 A broker has a CURVE key pair, kept in its state folder (0600). It hands out two kinds of credential:
   API key        bk1-<broker public key>-<secret>   for clients (`burla login`, api_key=, BURLA_API_KEY)
-  worker token   bw1-<broker public key>-<secret>   for `burla worker --token`
+  worker token   bw1-<broker public key>-<secret>   for `burla worker` ($BURLA_WORKER_TOKEN or --token-file)
+  slot key       bs1-<broker public key>-<secret>   made by a worker for each executor it starts, and announced
+                 to the broker (SLOT_KEY): an executor, which runs user code, never holds the worker token, and its
+                 key speaks only for its own slot until the slot's next executor replaces it
 A credential carries everything a peer needs: the broker's public key (so the peer knows it talks to the right
 broker) and a secret from which the peer's own CURVE key pair is derived. The broker derives the same public keys
 from the credentials it issued, and its ZAP handler admits only those, naming each connection's role in its
-User-Id: "worker", or "client:<8 hex>" per API key. The broker checks every message against its sender's role.
+User-Id: "worker", "slot:<slot name>", or "client:<8 hex>" per API key. The broker checks every message against
+its sender's role.
 """
 
 import hashlib
@@ -16,7 +20,7 @@ import pathlib
 import zmq
 from zmq.utils import z85
 
-CLIENT, WORKER = "bk1", "bw1"
+CLIENT, WORKER, SLOT = "bk1", "bw1", "bs1"
 
 
 def _derive(kind, secret):
@@ -38,7 +42,7 @@ def parse(credential, kind):
     except (ValueError, AttributeError):
         raise ValueError("not a burla credential (expected three '-'-separated parts)") from None
     if prefix != kind or len(secret) != 32 or len(broker_public) != 40:
-        name = "an API key (bk1-...)" if kind == CLIENT else "a worker token (bw1-...)"
+        name = {CLIENT: "an API key (bk1-...)", WORKER: "a worker token (bw1-...)"}.get(kind, "a slot key")
         raise ValueError(f"not {name}")
     public, secret_key = _derive(kind, secret)
     return broker_public, public, secret_key
@@ -67,6 +71,24 @@ class BrokerKeys:
         self.public = zmq.curve_public(self.secret)
         self.api_keys = self.issued("api_keys", CLIENT)
         self.worker_tokens = self.issued("worker_tokens", WORKER)
+        self.slot_roles = {}  # slot key (z85 public) -> "slot:<name>", as workers announce them
+        self.slot_keys = {}  # slot name -> its current key
+
+    def admit_slot(self, name, public):
+        """Admit the key of a slot's next executor (and no longer its previous one's)."""
+        old = self.slot_keys.pop(name, None)
+        if old is not None:
+            self.slot_roles.pop(old, None)
+        self.slot_keys[name] = public
+        self.slot_roles[public] = "slot:" + name
+
+    def api_key_of(self, role):
+        """The API key of a client role, handed to the executors serving it so nested calls run as the same user
+        (an executor serves one owner only)."""
+        for key in self.api_keys:
+            if role == client_role(key):
+                return key
+        return None
 
     def issued(self, name, kind):
         path = self.folder / name
@@ -85,7 +107,7 @@ class BrokerKeys:
         """CURVE public key (z85) -> role, for every credential issued by this broker."""
         roles = {}
         for key in self.api_keys:
-            roles[parse(key, CLIENT)[1]] = "client:" + hashlib.blake2b(key.encode(), digest_size=4).hexdigest()
+            roles[parse(key, CLIENT)[1]] = client_role(key)
         for token in self.worker_tokens:
             roles[parse(token, WORKER)[1]] = "worker"
         return roles
@@ -107,6 +129,17 @@ class BrokerKeys:
         return self.roles()
 
 
+def client_role(api_key):
+    return "client:" + hashlib.blake2b(api_key.encode(), digest_size=4).hexdigest()
+
+
+def slot_credential(token):
+    """A fresh slot key for an executor of the worker holding this token: (credential, its public key z85)."""
+    broker_public = parse(token, WORKER)[0]
+    credential = new_credential(SLOT, broker_public)
+    return credential, parse(credential, SLOT)[1]
+
+
 def _authenticator(ctx, keys):
     """A ZAP handler admitting the credentials we issued. (zmq.auth.thread brings asyncio: imported only in the
     broker, so executors, which start often, do not pay for it.)"""
@@ -118,14 +151,28 @@ def _authenticator(ctx, keys):
             self.roles = keys.roles()
 
         def callback(self, domain, key):  # the credentials provider: is this public key one we issued?
+            if key in keys.slot_roles:
+                return True
             if key not in self.roles:
                 self.roles = keys.reload()  # a key issued (burla broker --new-api-key) since we started
             return key in self.roles
 
         def curve_user_id(self, client_public_key):
-            return self.roles.get(z85.encode(client_public_key), "denied")
+            key = z85.encode(client_public_key)
+            return keys.slot_roles.get(key) or self.roles.get(key, "denied")
 
     return Authenticator()
+
+
+def hide_process():
+    """Make this process undumpable (Linux): its /proc files (environ, memory) then belong to root, so code of
+    the same user, such as a call running in an executor, cannot read the worker token from them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass
 
 
 def write_private(path, text):

@@ -40,10 +40,11 @@ def start_cluster(network, tmp_path):
     broker = network.python("head", "-m", "burla", "broker", "--bind", "tcp://0.0.0.0:5555", "--state-dir",
                             str(tmp_path / "broker"), env=env, stdout=subprocess.PIPE, text=True)
     banner = "".join(broker.stdout.readline() for _ in range(3))
-    token = re.search(r"--token (\S+)", banner).group(1)
+    token = re.search(r"BURLA_WORKER_TOKEN=(\S+)", banner).group(1)
     env["BURLA_API_KEY"] = re.search(r"--api-key (\S+)", banner).group(1)
     workers = {name: network.python(name, "-m", "burla", "worker", "--broker", address, "--slots", "2",
-                                    "--name", name, "--token", token, env=env) for name in ("w1", "w2")}
+                                    "--name", name, env=dict(env, BURLA_WORKER_TOKEN=token))
+               for name in ("w1", "w2")}
     return address, env, workers
 
 

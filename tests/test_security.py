@@ -35,8 +35,9 @@ class SecureCluster:
                                  stdout=subprocess.PIPE, text=True)
         banner = [self.broker.stdout.readline() for _ in range(3)]
         self.api_key = re.search(r"--api-key (\S+)", banner[1]).group(1)
-        self.token = re.search(r"--token (\S+)", banner[2]).group(1)
-        self.start("worker", "--broker", self.address, "--slots", "2", "--name", "w", "--token", self.token)
+        self.token = re.search(r"BURLA_WORKER_TOKEN=(\S+)", banner[2]).group(1)
+        self.start("worker", "--broker", self.address, "--slots", "2", "--name", "w",
+                   env=dict(self.env, BURLA_WORKER_TOKEN=self.token))
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -46,8 +47,8 @@ class SecureCluster:
                 pass
         raise TimeoutError("secure cluster did not come up")
 
-    def start(self, *args, **kwargs):
-        proc = subprocess.Popen([sys.executable, "-m", "burla", *args], env=self.env, **kwargs)
+    def start(self, *args, env=None, **kwargs):
+        proc = subprocess.Popen([sys.executable, "-m", "burla", *args], env=env or self.env, **kwargs)
         self.procs.append(proc)
         return proc
 

@@ -22,8 +22,6 @@ from burla import protocol as P
 from burla import security
 from burla import serialize
 
-PREFETCH = 2  # batches this slot may hold: one running, one waiting
-FUNCTION_CACHE = 32  # the broker assumes the same size and LRU order (see broker.FUNCTION_CACHE)
 TIMEOUT_GRACE = 1.0  # seconds past a call's timeout before its worker kills the executor (SIGALRM came first)
 LOG_LINGER = 0.02  # seconds a first pending line waits for company before it is sent
 _repr = reprlib.Repr()
@@ -107,7 +105,9 @@ class Executor:
 
     def run(self):
         self.ctx = zmq.Context()
-        self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
+        self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.SLOT)  # its slot's key
+        # A call that calls remote_parallel_map reaches this cluster (as the job's owner: see TASK's ak)
+        os.environ["BURLA_CLUSTER"] = self.broker
         self.sock.connect(self.broker)
         self.streams = Capture(self.sink, 1), Capture(self.sink, 2)
         if self.control_fd is not None:
@@ -174,7 +174,7 @@ class Executor:
             self.ready_unlocked()
 
     def ready_unlocked(self):
-        P.send(self.sock, P.READY, {"w": self.worker_id, "s": self.name, "k": PREFETCH, "pid": os.getpid(),
+        P.send(self.sock, P.READY, {"w": self.worker_id, "s": self.name, "k": P.PREFETCH, "pid": os.getpid(),
                                     "env": self.env})
 
 
@@ -189,12 +189,14 @@ class Executor:
             self.ready_unlocked()
 
     def function(self, header, payload):
-        digest = header["d"]
-        if header.get("f"):
-            self.functions[digest] = serialize.loads_function(payload[0])
-            if len(self.functions) > FUNCTION_CACHE:
+        digest, frames = header["d"], header.get("f", 0)
+        if frames:
+            if header.get("ak"):
+                os.environ["BURLA_API_KEY"] = header["ak"]  # this executor serves only that owner
+            self.functions[digest] = serialize.loads_function(serialize.join(payload[:frames]))
+            if len(self.functions) > P.FUNCTION_CACHE:
                 self.functions.popitem(last=False)
-            return self.functions[digest], payload[1:]
+            return self.functions[digest], payload[frames:]
         self.functions.move_to_end(digest)
         return self.functions[digest], payload
 
@@ -210,7 +212,10 @@ class Executor:
         sys.stdout, sys.stderr = self.streams  # again: a previous call may have replaced them
         try:
             function, payload = self.function(header, payload)
-            inputs = serialize.unpack(header.get("z"), payload)
+            inputs = serialize.unpack_items(header.get("z"), payload)
+            os.environ["BURLA_PARENT"] = f"{job.hex()}:{self.name}"  # (nested jobs name their caller)
+            if any(type(x) is serialize.Unloadable for x in inputs):
+                function = failing_unloadable(function)  # such an input fails alone, with its own index
         except BaseException as e:
             first = isolate or 0
             info = error_info(e, start + first, "<not loaded>", "loading the function or inputs")
@@ -297,21 +302,31 @@ class Executor:
                     signal.setitimer(signal.ITIMER_REAL, 0)
 
     def send_result(self, job, start, offset, done, error, inputs, elapsed, last):
-        reply = {"j": job, "i": start, "o": offset, "t": elapsed, "w": self.name}
         errors = []
         if error is not None:
             at = offset + len(done)
             errors.append((error_info(error, start + at, inputs[at]), error))
         try:
-            flags, packed = serialize.pack(done, self.compress)
+            flags, packed = serialize.pack_items(done, self.compress)
         except Exception:
             k = next(k for k, v in enumerate(done) if not picklable(v))
             bad = TypeError(f"the result of input {start + offset + k} could not be pickled: {_repr.repr(done[k])}")
             errors = [(error_info(bad, start + offset + k, inputs[offset + k]), bad)]
             done = done[:k]
-            flags, packed = serialize.pack(done, self.compress)
+            flags, packed = serialize.pack_items(done, self.compress)
             last = True
-        reply.update(k=len(done), z=flags, e=[info for info, _ in errors], f=int(last))
+        size = sum(len(f) for f in packed)
+        if size > P.MAX_BATCH_BYTES and len(done) > 1:  # results travel in messages of bounded size, as inputs do
+            step = max(1, int(len(done) * P.MAX_BATCH_BYTES / size))
+            for k in range(0, len(done) - step, step):
+                part = serialize.pack_items(done[k:k + step], self.compress)
+                self.reply({"j": job, "i": start, "o": offset + k, "k": step, "z": part[0], "e": [], "f": 0,
+                            "t": elapsed * step / len(done), "w": self.name}, part[1], [])
+            tail = (len(done) - 1) // step * step
+            offset, done, elapsed = offset + tail, done[tail:], elapsed * (len(done) - tail) / len(done)
+            flags, packed = serialize.pack_items(done, self.compress)
+        reply = {"j": job, "i": start, "o": offset, "t": elapsed, "w": self.name, "k": len(done), "z": flags,
+                 "e": [info for info, _ in errors], "f": int(last)}
         self.reply(reply, packed, [exc for _, exc in errors])
 
     def reply(self, header, frames, exceptions):
@@ -334,6 +349,15 @@ class Executor:
                     P.send(self.sock, P.LOG, {"j": self.job, "w": self.name, "l": lines})
 
 
+def failing_unloadable(function):
+    def call(value):
+        if type(value) is serialize.Unloadable:
+            raise value.error  # this input could not be unpickled here
+        return function(value)
+
+    return call
+
+
 def on_timeout(*_):
     from burla.errors import CallTimeoutError
 
@@ -349,20 +373,23 @@ def error_info(exc, index, value, while_=None):
     if while_:
         text = f"while {while_}:\n{text}"
     kind = type(exc)
-    return {"i": index, "type": f"{kind.__module__}.{kind.__qualname__}", "msg": str(exc), "tb": text,
-            "input": _repr.repr(value)}
+    try:
+        message = str(exc)
+    except Exception as e:  # a user's __str__ may itself fail
+        message = f"<str() failed: {e!r}>"
+    if len(text) > 100_000:  # (the broker refuses larger records; the end of a traceback is the news)
+        text = "...\n" + text[-100_000:]
+    return P.error_record(index, f"{kind.__module__}.{kind.__qualname__}"[:500], message[:60_000], text,
+                          _repr.repr(value)[:4000])
 
 
 def exception_frame(exc):
-    try:
-        return serialize.serialize_exception(exc)
-    except Exception:
-        return b""  # the client raises burla.RemoteError with the type name and message instead
+    return serialize.serialize_exception(exc)  # b"": the client raises burla.RemoteError instead
 
 
 def picklable(value):
     try:
-        serialize.pack(value)
+        serialize.pack_items([value])
         return True
     except Exception:
         return False

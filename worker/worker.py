@@ -25,7 +25,7 @@ import zmq
 
 from burla import env as E
 from burla import protocol as P
-from burla import security
+from burla import security, serialize
 from burla.errors import EnvironmentBuildError
 from burla.worker.zygote import Zygote
 
@@ -136,6 +136,8 @@ class Worker:
         self.id = name or f"{self.host}-{os.getpid()}"
         self.parent_fd = parent_fd
         self.token = token  # the broker's worker token (CURVE over TCP); None on an ipc or insecure broker
+        self.sock = None
+        self.announce = []  # SLOT_KEY messages not sent yet (executors forked before the socket exists)
         self.folder = tempfile.mkdtemp(prefix="burla-worker-")  # 0700
         self.slots = [Slot(k, self.folder) for k in range(self.nslots)]
         self.env_cache, self.env_cache_gb, self.envs = env_cache, env_cache_gb, None  # envs.EnvCache, made on use
@@ -150,10 +152,26 @@ class Worker:
         self.wake_read, self.wake_write = os.pipe()
 
     # ---------------------------------------------------------------- executors
+    def slot_credential(self, slot):
+        """A fresh key for the slot's next executor, announced to the broker before the executor dials: user code
+        in an executor never holds the worker token, and its key speaks only for its own slot (None: no CURVE)."""
+        if not self.token:
+            return None
+        credential, public = security.slot_credential(self.token)
+        self.announce.append({"w": self.id, "s": P.slot_name(self.id, slot.index), "p": public})
+        if self.sock is not None:
+            self.send_announcements()
+        return credential
+
+    def send_announcements(self):
+        while self.announce:
+            P.send(self.sock, P.SLOT_KEY, self.announce.pop(0))
+
     def start_slot(self, slot, fork):
         slot.container = slot.zygote = None
+        credential = self.slot_credential(slot)
         if slot.env is not None and slot.env.image:
-            pid, write = self.start_container(slot)
+            pid, write = self.start_container(slot, credential)
             self.record_start(slot, pid, write)
             return
         read, write = os.pipe()
@@ -161,7 +179,7 @@ class Worker:
         if not fork:  # a restart, or another environment: forked by that environment's zygote
             try:
                 zygote = self.zygote(slot.env)
-                pid = zygote.fork({"slot": slot.index, "broker": self.broker, "worker": self.id, "token": self.token,
+                pid = zygote.fork({"slot": slot.index, "broker": self.broker, "worker": self.id, "token": credential,
                                    "key": key}, [read, slot.where.fileno()])
                 slot.popen, slot.zygote = None, zygote
                 os.close(read)
@@ -183,7 +201,7 @@ class Worker:
                             os.close(other.control)
                     from burla.worker import executor
 
-                    executor.main(self.broker, self.id, slot.index, read, self.token, slot.where.fileno(),
+                    executor.main(self.broker, self.id, slot.index, read, credential, slot.where.fileno(),
                                   self.own_env)
                 except BaseException:
                     traceback.print_exc()
@@ -197,8 +215,9 @@ class Worker:
                     f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, "
                     f"os.environ.pop('BURLA_WORKER_TOKEN', None), {where}, {key!r})")
             env = dict(os.environ)
-            if self.token:
-                env["BURLA_WORKER_TOKEN"] = self.token  # not on a command line
+            env.pop("BURLA_WORKER_TOKEN", None)
+            if credential:
+                env["BURLA_WORKER_TOKEN"] = credential  # the slot's key, not on a command line
             python = sys.executable
             if slot.env is not None:  # the job's venv, with its local packages first
                 python = slot.env.python
@@ -217,7 +236,7 @@ class Worker:
         except (AttributeError, OSError):
             slot.pidfd = None
 
-    def start_container(self, slot):
+    def start_container(self, slot, credential):
         """Start a slot's executor in its job's image: host network and process ids (it dials the broker and
         says its pid like any executor), this worker's folder for its WHERE file and control FIFO (a container
         inherits no descriptors), and burla with the packages it runs on mounted read-only from the worker."""
@@ -239,7 +258,7 @@ class Worker:
         code = (f"import os, site; site.addsitedir({prepared.runtime!r}); from burla.worker.executor import main; "
                 f"main({self.broker!r}, {self.id!r}, {slot.index}, {fifo!r}, "
                 f"os.environ.pop('BURLA_WORKER_TOKEN', None), {slot.where_path!r}, {prepared.key!r}, {os.getpid()})")
-        env = dict(os.environ, BURLA_WORKER_TOKEN=self.token or "")
+        env = dict(os.environ, BURLA_WORKER_TOKEN=credential or "")  # the slot's key
         slot.popen = subprocess.Popen(
             [tool, "run", "--rm", "--name", slot.container_name, f"--label=burla.worker={self.id}",
              "--network=host", "--pid=host",
@@ -388,7 +407,7 @@ class Worker:
             return
         if key not in self.building:
             self.building[key] = set()
-            archive = payload[0].bytes if payload else b""
+            archive = bytes(serialize.join(payload)) if payload else b""
             threading.Thread(target=self.build, args=(spec, archive), daemon=True, name="burla-env").start()
         self.building[key].update(slots)
 
@@ -501,8 +520,10 @@ class Worker:
             self.start_slot(slot, fork=hasattr(os, "fork"))
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
+        refused = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.token else None
         self.sock.connect(self.broker)
         self.register()
+        self.send_announcements()
         if self.runtime == "?":
             threading.Thread(target=self.find_runtime, daemon=True, name="burla-runtime").start()
         heard = time.monotonic()
@@ -516,17 +537,27 @@ class Worker:
                     poller.register(self.parent_fd, zmq.POLLIN)
                 for fd in [s.pidfd for s in self.slots if s.pidfd is not None] + list(self.zygotes.values()):
                     poller.register(fd, zmq.POLLIN)  # (a zygote: its reports of executors' exits)
+                if refused is not None:
+                    poller.register(refused, zmq.POLLIN)
                 timeout = min(max(0.0, next_beat - time.monotonic()), 0.25)  # also look for overdue calls
                 events = dict(poller.poll(timeout * 1000))
                 if self.parent_fd is not None and self.parent_fd in events:
                     return
+                if refused is not None and refused in events:
+                    log.error("the broker at %s refused this worker token: give the token `burla broker` printed "
+                              "for it ($BURLA_WORKER_TOKEN or --token-file)", self.broker)
+                    raise SystemExit(2)
                 if self.wake_read in events:
                     os.read(self.wake_read, 4096)
                     self.on_events()
                 self.kill_overdue()
                 self.reap()
                 while self.sock.poll(0):
-                    command, header, payload = P.recv(self.sock)
+                    try:
+                        command, header, payload = P.recv(self.sock)
+                    except P.VersionMismatch as e:
+                        log.error("%s", e)
+                        raise SystemExit(2)
                     heard = time.monotonic()
                     if command == P.RECONNECT:
                         self.rejoin()
