@@ -711,15 +711,16 @@ class Broker:
         return None
 
     def dispatch(self):
-        """Give queued batches to slots with credit, one batch per slot per pass so that work spreads."""
+        """Give queued batches to slots with credit, one batch per slot per pass so that work spreads: first to
+        slots holding nothing, then as a second batch to prefetch."""
         self.dirty = False
         if not self.jobs:
             return
-        progress = True
+        progress, most = True, 0
         while progress:
             progress = False
             for slot in list(self.slots.values()):
-                if slot.credit <= 0:
+                if slot.credit <= 0 or len(slot.inflight) > most:
                     continue
                 job = slot.job
                 if job is not None and not job.queue and not slot.inflight:
@@ -734,6 +735,8 @@ class Broker:
                     continue
                 self.send_task(slot, job, job.queue.popleft())
                 progress = True
+            if not progress and most < P.PREFETCH:
+                progress, most = True, most + 1
         self.prepare_slots()
 
     def prepare_slots(self):

@@ -7,7 +7,7 @@
 from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, EnvironmentBuildError,
                           JobCancelledError, NoCompatibleWorkerError, RemoteError, WorkerDiedError)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError", "EnvironmentBuildError",
            "JobCancelledError", "NoCompatibleWorkerError", "RemoteError", "WorkerDiedError"]
 

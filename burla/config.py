@@ -28,8 +28,11 @@ def cluster_address(cluster=None):
     return address
 
 
+executor_api_key = None  # in an executor: its job owner's key, for nested calls
+
+
 def api_key(key=None):
-    return key or os.environ.get("BURLA_API_KEY") or load().get("api_key")
+    return key or os.environ.get("BURLA_API_KEY") or executor_api_key or load().get("api_key")
 
 
 def save(**values):

@@ -26,7 +26,8 @@ def free_port():
 
 
 class SecureCluster:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, worker_user=None):
+        """worker_user: (uid, home) to run the worker as that unprivileged user."""
         self.state = tmp_path / "state"
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.env = dict(os.environ, PYTHONPATH=HERE, BURLA_HEARTBEAT_INTERVAL="0.5")
@@ -36,8 +37,12 @@ class SecureCluster:
         banner = [self.broker.stdout.readline() for _ in range(3)]
         self.api_key = re.search(r"--api-key (\S+)", banner[1]).group(1)
         self.token = re.search(r"BURLA_WORKER_TOKEN=(\S+)", banner[2]).group(1)
-        self.start("worker", "--broker", self.address, "--slots", "2", "--name", "w",
-                   env=dict(self.env, BURLA_WORKER_TOKEN=self.token))
+        worker_env, extra = dict(self.env, BURLA_WORKER_TOKEN=self.token), {}
+        if worker_user:
+            uid, home = worker_user
+            worker_env.update(HOME=home, TMPDIR=home, BURLA_ENV_CACHE=os.path.join(home, "envs"))
+            extra = {"user": uid, "group": uid, "extra_groups": [], "cwd": home}
+        self.start("worker", "--broker", self.address, "--slots", "2", "--name", "w", env=worker_env, **extra)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:

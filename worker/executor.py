@@ -191,8 +191,10 @@ class Executor:
     def function(self, header, payload):
         digest, frames = header["d"], header.get("f", 0)
         if frames:
-            if header.get("ak"):
-                os.environ["BURLA_API_KEY"] = header["ak"]  # this executor serves only that owner
+            if header.get("ak"):  # nested calls run as this job's owner; this executor serves no other
+                from burla import config
+
+                config.executor_api_key = header["ak"]  # (not in os.environ: children's environments are public)
             self.functions[digest] = serialize.loads_function(serialize.join(payload[:frames]))
             if len(self.functions) > P.FUNCTION_CACHE:
                 self.functions.popitem(last=False)
@@ -419,6 +421,12 @@ def main(broker, worker_id, slot, control_fd=None, token=None, where_fd=None, en
             watch = os.pidfd_open(worker_pid)
         except ProcessLookupError:
             return
+    from burla import security
+
+    security.hide_process()  # other processes of this user (another owner's executors) cannot read our memory
+    if isinstance(token, int):  # a pipe holding the slot's key
+        with os.fdopen(token, "rb") as f:
+            token = f.read().decode() or None
     if isinstance(control_fd, str):
         control_fd = os.open(control_fd, os.O_RDONLY | os.O_NONBLOCK)
     if isinstance(where_fd, str):

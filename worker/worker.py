@@ -163,6 +163,17 @@ class Worker:
             self.send_announcements()
         return credential
 
+    @staticmethod
+    def credential_fd(credential):
+        """The slot key as the read end of a pipe for the executor alone: not in an environment or a command line
+        other processes could read, and never in a zygote's memory, which every executor it forks inherits."""
+        if credential is None:
+            return None
+        read, write = os.pipe()
+        os.write(write, credential.encode())
+        os.close(write)
+        return read
+
     def send_announcements(self):
         while self.announce:
             P.send(self.sock, P.SLOT_KEY, self.announce.pop(0))
@@ -176,13 +187,16 @@ class Worker:
             return
         read, write = os.pipe()
         key = slot.env.key if slot.env else self.own_env
+        secret = self.credential_fd(credential)
+        fds = [read, slot.where.fileno()] + ([secret] if secret is not None else [])
         if not fork:  # a restart, or another environment: forked by that environment's zygote
             try:
                 zygote = self.zygote(slot.env)
-                pid = zygote.fork({"slot": slot.index, "broker": self.broker, "worker": self.id, "token": credential,
-                                   "key": key}, [read, slot.where.fileno()])
+                pid = zygote.fork({"slot": slot.index, "broker": self.broker, "worker": self.id, "key": key}, fds)
                 slot.popen, slot.zygote = None, zygote
                 os.close(read)
+                if secret is not None:
+                    os.close(secret)
                 self.record_start(slot, pid, write)
                 return
             except OSError as e:  # it could not start: a fresh interpreter, as below
@@ -201,7 +215,7 @@ class Worker:
                             os.close(other.control)
                     from burla.worker import executor
 
-                    executor.main(self.broker, self.id, slot.index, read, credential, slot.where.fileno(),
+                    executor.main(self.broker, self.id, slot.index, read, secret, slot.where.fileno(),
                                   self.own_env)
                 except BaseException:
                     traceback.print_exc()
@@ -212,21 +226,20 @@ class Worker:
         else:
             where = slot.where.fileno()
             code = ("import os; from burla.worker.executor import main; "
-                    f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, "
-                    f"os.environ.pop('BURLA_WORKER_TOKEN', None), {where}, {key!r})")
+                    f"main({self.broker!r}, {self.id!r}, {slot.index}, {read}, {secret}, {where}, {key!r})")
             env = dict(os.environ)
             env.pop("BURLA_WORKER_TOKEN", None)
-            if credential:
-                env["BURLA_WORKER_TOKEN"] = credential  # the slot's key, not on a command line
             python = sys.executable
             if slot.env is not None:  # the job's venv, with its local packages first
                 python = slot.env.python
                 env.pop("PYTHONPATH", None)
                 if slot.env.path:
                     env["PYTHONPATH"] = slot.env.path
-            slot.popen = subprocess.Popen([python, "-c", code], pass_fds=(read, where), env=env)
+            slot.popen = subprocess.Popen([python, "-c", code], pass_fds=fds, env=env)
             pid = slot.popen.pid
         os.close(read)
+        if secret is not None:
+            os.close(secret)
         self.record_start(slot, pid, write)
 
     def record_start(self, slot, pid, control):
@@ -515,9 +528,10 @@ class Worker:
 
     def run(self):
         # Fork the first executors before this process has a ZeroMQ context (a context does not survive fork):
-        # a forked executor is ready in a millisecond, a fresh interpreter takes ~60 ms.
+        # a forked executor is ready in a millisecond, a fresh interpreter takes ~60 ms. Not a worker that holds
+        # a token: an executor forked from it would inherit the token in its memory; its zygote forks them.
         for slot in self.slots:
-            self.start_slot(slot, fork=hasattr(os, "fork"))
+            self.start_slot(slot, fork=hasattr(os, "fork") and not self.token)
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
         refused = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.token else None

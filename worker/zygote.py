@@ -4,7 +4,8 @@ fresh interpreter importing pyzmq and cloudpickle (~70 ms). The worker is not th
 reports their exit statuses.
 
 On the worker's socketpair (SOCK_SEQPACKET, one JSON message per packet):
-    worker -> zygote   {slot, broker, worker, token, key}, with the executor's control and WHERE fds attached
+    worker -> zygote   {slot, broker, worker, key}, with the executor's control and WHERE fds attached, and
+                       a pipe holding its slot key (the zygote never reads it: executors inherit its memory)
     zygote -> worker   {slot, pid} once forked;  {pid, code} when an executor exits
 End of file on it (the worker is gone) ends the zygote, and its executors with it (PR_SET_PDEATHSIG).
 """
@@ -121,7 +122,7 @@ def main(fd):
             os.read(wake_read, 4096)
         if sock in ready:
             try:
-                message, fds, _, _ = socket.recv_fds(sock, 65536, 2)
+                message, fds, _, _ = socket.recv_fds(sock, 65536, 3)
             except OSError:
                 message, fds = b"", []
             if not message:
@@ -134,8 +135,9 @@ def main(fd):
                     sock.close()
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    executor.main(request["broker"], request["worker"], request["slot"], fds[0], request["token"],
-                                  fds[1], request["key"])
+                    # fds: control pipe, WHERE file, and the pipe holding its slot key (read by the executor only)
+                    executor.main(request["broker"], request["worker"], request["slot"], fds[0],
+                                  fds[2] if len(fds) > 2 else None, fds[1], request["key"])
                 except BaseException:
                     traceback.print_exc()
                     code = 1
