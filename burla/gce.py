@@ -185,7 +185,7 @@ def startup_script(role, image, gpu=False, idle_minutes=None, name=None, project
                          "mount -o remount,exec /var/lib/nvidia")
         gpus = ("--volume /var/lib/nvidia/lib64:/usr/local/nvidia/lib64 --volume /var/lib/nvidia/bin:/usr/local/"
                 "nvidia/bin --device /dev/nvidia0 --device /dev/nvidia-uvm --device /dev/nvidiactl ") if gpu else ""
-        lines += ["mkdir -p /var/lib/burla-envs",
+        lines += ["mkdir -p /var/lib/burla-envs && chown 1000:1000 /var/lib/burla-envs",  # the image's user
                   f"export BURLA_WORKER_TOKEN=$({attr}burla-worker-token)",
                   f"BROKER=$({attr}burla-broker)",
                   f"GPUS=$({attr}burla-gpus || true)",
