@@ -311,3 +311,28 @@ def test_a_client_of_another_version_is_told_at_once(secure, run_script):
     out = proc.stdout
     assert "ClusterConnectionError" in out and "B2" in out and "pip install 'burla==" in out, proc.stderr
     assert float(out.split()[-1]) < 3
+
+
+def test_executors_rejoin_a_restarted_secure_broker(tmp_path):
+    """Slot keys live in the broker's memory: a broker started again on the same state dir learns them anew
+    from the workers that rejoin, and their executors connect again."""
+    secure = SecureCluster(tmp_path)
+    try:
+        assert run(secure, lambda x: x + 1, range(4)) == [1, 2, 3, 4]
+        secure.broker.kill()
+        secure.broker.wait()
+        secure.broker = secure.start("broker", "--bind", secure.address, "--state-dir", str(secure.state),
+                                     stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                state = cluster_state(secure.address, 1, secure.api_key)
+                if state["workers"] and state["workers"][0]["slots"] == 2:
+                    break
+            except TimeoutError:
+                pass
+            assert time.monotonic() < deadline, "the worker's executors did not rejoin"
+            time.sleep(0.1)
+        assert run(secure, lambda x: x * 5, range(6)) == [0, 5, 10, 15, 20, 25]
+    finally:
+        secure.stop()

@@ -195,3 +195,15 @@ def test_a_killed_zygote_is_replaced(cluster, rpm):
         assert time.monotonic() < deadline, "the zygote's executors were not replaced"
         time.sleep(0.02)
     assert rpm(slow, range(10)) == list(range(1, 11))
+
+
+def slow_then_quick(x, _tries={}):
+    """The first attempt runs past the timeout; the second takes most of one."""
+    _tries[x] = _tries.get(x, 0) + 1
+    time.sleep(10 if _tries[x] == 1 else 1.2)
+    return x
+
+
+def test_each_retry_gets_the_whole_timeout(rpm):
+    # the deadline the worker enforces (for calls stuck in C code) covers every attempt, not only the first
+    assert rpm(slow_then_quick, [7], timeout=1.5, retries=1) == [7]

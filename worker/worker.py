@@ -63,9 +63,47 @@ class Slot:
             subprocess.Popen([*self.container, "kill", self.container_name], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
             return
+        if signum == signal.SIGKILL:
+            kill_trees([self.pid])
+            return
         try:
-            os.kill(self.pid, signum)  # in a container: its runtime's client passes the signal on
-        except (ProcessLookupError, TypeError):
+            os.kill(self.pid, signum)  # in a container: its runtime's client passes the signal on (SIGUSR1: only
+        except (ProcessLookupError, TypeError):  # the executor, never its calls' processes)
+            pass
+
+
+def kill_trees(pids):
+    """SIGKILL executors and every process their calls started: each one's process group (which those join, the
+    orphans of a double fork included) and its descendants that left the group (start_new_session=True). One
+    look at the process table for them all. A process that left the group and lost its parent (a daemon)
+    escapes."""
+    pids = [pid for pid in pids if pid]
+    descendants = []
+    try:
+        import psutil
+
+        children = collections.defaultdict(list)
+        for proc in psutil.process_iter(["ppid"]):
+            children[proc.info["ppid"]].append(proc)
+        todo = list(pids)
+        while todo:
+            for proc in children.pop(todo.pop(), ()):
+                descendants.append(proc)
+                todo.append(proc.pid)
+    except Exception:  # (no /proc to read: the process groups still go)
+        log.debug("could not list executors' descendants", exc_info=True)
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:  # not (yet) the leader of a group of its own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for proc in descendants:
+        try:
+            proc.kill()  # (psutil checks the pid was not reused meanwhile)
+        except Exception:
             pass
 
 
@@ -137,7 +175,8 @@ class Worker:
         self.parent_fd = parent_fd
         self.token = token  # the broker's worker token (CURVE over TCP); None on an ipc or insecure broker
         self.sock = None
-        self.announce = []  # SLOT_KEY messages not sent yet (executors forked before the socket exists)
+        self.slot_keys = {}  # slot index -> the public key its executor connects with
+        self.announce = []  # slots whose key the broker has not been sent (executors started before the socket)
         self.folder = tempfile.mkdtemp(prefix="burla-worker-")  # 0700
         self.slots = [Slot(k, self.folder) for k in range(self.nslots)]
         self.env_cache, self.env_cache_gb, self.envs = env_cache, env_cache_gb, None  # envs.EnvCache, made on use
@@ -158,7 +197,8 @@ class Worker:
         if not self.token:
             return None
         credential, public = security.slot_credential(self.token)
-        self.announce.append({"w": self.id, "s": P.slot_name(self.id, slot.index), "p": public})
+        self.slot_keys[slot.index] = public
+        self.announce.append(slot.index)
         if self.sock is not None:
             self.send_announcements()
         return credential
@@ -176,7 +216,9 @@ class Worker:
 
     def send_announcements(self):
         while self.announce:
-            P.send(self.sock, P.SLOT_KEY, self.announce.pop(0))
+            index = self.announce.pop(0)
+            P.send(self.sock, P.SLOT_KEY, {"w": self.id, "s": P.slot_name(self.id, index),
+                                           "p": self.slot_keys[index]})
 
     def start_slot(self, slot, fork):
         slot.container = slot.zygote = None
@@ -322,7 +364,12 @@ class Worker:
             if code is None:
                 continue
             self.forget(slot)
-            died = {"w": self.id, "s": f"{self.id}/{slot.index}", "code": code}
+            if not slot.container:  # what its calls started goes with it (it led their process group)
+                try:
+                    os.killpg(slot.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            died = {"w": self.id, "s": P.slot_name(self.id, slot.index), "code": code}
             job, start, offset, _ = slot.read_where()
             if offset >= 0:
                 died["at"] = {"j": job, "i": start, "o": offset}
@@ -378,7 +425,9 @@ class Worker:
     def stop_executors(self):
         for slot in self.slots:
             self.forget(slot)  # closing the control pipe asks the executor to exit
-            slot.kill(signal.SIGKILL)
+            if slot.container:
+                slot.kill(signal.SIGKILL)
+        kill_trees([slot.pid for slot in self.slots if not slot.container])
         for zygote in self.zygotes.values():
             zygote.close()
         for slot in self.slots:
@@ -609,6 +658,8 @@ class Worker:
 
     def rejoin(self):
         self.register()
+        self.announce = list(self.slot_keys)  # a restarted broker knows no slot keys
+        self.send_announcements()
         self.tell_executors(b"R")
         for slots in self.building.values():  # the broker no longer holds those slots for the environment: they
             slots.clear()                      # may be busy by the time it is ready
