@@ -2,8 +2,6 @@
 none of it may stop, starve or spy on the cluster or another user's job."""
 
 import os
-import pickle
-import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +9,6 @@ import tempfile
 import threading
 import time
 
-import msgpack
 import psutil
 import pytest
 import zmq
@@ -19,8 +16,8 @@ import zmq
 import burla
 from burla import protocol as P, remote_parallel_map, security, serialize
 from burla.client import cluster_state
-from conftest import HERE, processes_mentioning
-from test_security import SecureCluster, free_port
+from conftest import processes_mentioning
+from test_security import SecureCluster
 
 pytestmark = pytest.mark.timeout(90)
 
