@@ -12,6 +12,7 @@ import signal
 import socket as pysocket
 import time
 
+import msgpack
 import zmq
 
 from burla import protocol as P
@@ -26,6 +27,12 @@ ENV_RETRY_AFTER = 60.0  # seconds before a worker that failed to prepare an envi
 # client's jobs: the broker never blocks on a peer, and never holds without bound what a peer does not read.
 LOG_BACKLOG = 16 << 20
 BACKLOG_MAX = 256 << 20
+# What one user may park in the broker: jobs at once, and inputs not yet answered over all of them (each job is
+# also held to its own window); and one message (a batch of one huge input, a function with its packages).
+JOBS_PER_OWNER = 256
+OWNER_BYTES_MAX = 1 << 30
+ONE_MESSAGE_MAX = 1 << 30
+STATE_WORKERS = 1000  # workers listed in a STATUS or STATE (the busiest); the others are counted
 
 
 class Batch:
@@ -156,6 +163,10 @@ class Slot:
         return self.owner is None or self.owner == job.owner
 
 
+def message_size(header, payload):
+    return len(msgpack.packb(header)) + sum(len(f) for f in payload)
+
+
 def gpu_request(spec):
     """None | count | "A100" | "A100:2" (checked by P.check) -> (type or None, count)."""
     if spec in (None, 0, ""):
@@ -171,6 +182,9 @@ def gpus_match(available, request):
     if kind is None:
         return len(available) >= count
     return sum(1 for g in available if g.lower() == kind.lower()) >= count
+
+
+UNKNOWN = "unknown"  # the owner of an executor whose past this broker does not know: it serves nobody
 
 
 class Backlog:
@@ -200,6 +214,7 @@ class Broker:
         self.watchers = {}  # connection identity -> (role, when its WATCH expires)
         self.recent = collections.deque(maxlen=20)  # finished jobs, for dashboards
         self.backlogs = {}  # client connection -> Backlog of what its full queue could not take yet
+        self.slot_owners = {}  # slot name -> the role its current executor has served (see Slot.owner)
         self.dirty = False
         self.handlers = {
             P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.END: self.on_end, P.CANCEL: self.on_cancel,
@@ -263,9 +278,13 @@ class Broker:
             raise P.ProtocolError(f"unknown command {command!r}")
         if role is not None:
             kind, _, name = role.partition(":")
-            allowed = {"worker": P.WORKER_COMMANDS, "slot": P.SLOT_COMMANDS}.get(kind, P.CLIENT_COMMANDS)
-            if command not in allowed:
+            allowed = {"worker": P.WORKER_COMMANDS, "slot": P.SLOT_COMMANDS, "client": P.CLIENT_COMMANDS}.get(kind)
+            if not allowed or command not in allowed:
                 raise P.ProtocolError(f"a {kind} may not send {P.NAMES.get(command, command)}")
+            if kind == "slot":
+                name, _, generation = name.partition("#")
+                if not self.keys.current_slot_key(name, generation):
+                    raise P.ProtocolError("a message with a slot's old key")  # (a process its executor left)
         P.check(command, header)
         if role is not None and kind == "slot" and command == P.READY and \
                 (header["s"] != name or not name.startswith(header["w"] + "/")):
@@ -307,7 +326,7 @@ class Broker:
             pass
 
     def keep(self, ident, backlog, command, header, payload):
-        size = len(header) + sum(len(f) for f in payload)
+        size = message_size(header, payload)
         job = self.jobs.get(header.get("j"))
         if command == P.LOG and backlog.bytes > LOG_BACKLOG:
             if job is not None:
@@ -320,7 +339,10 @@ class Broker:
             for other in [j for j in self.jobs.values() if j.client == ident]:
                 log.warning("job %s cancelled: its client stopped reading (%d MB waiting for it)",
                             other.id.hex(), backlog.bytes >> 20)
-                self.drop_job(other.id)
+                self.send(ident, P.REJECTED, {"j": other.id, "t": "credit", "e": (
+                    f"the job was ended: this program stopped reading its results ({backlog.bytes >> 20} MB "
+                    "waited for it at the broker)")})
+                self.drop_job(other.id, "failed")
         return True
 
     def flush_backlogs(self):
@@ -335,7 +357,7 @@ class Broker:
                     backlog.items.clear()
                     break
                 backlog.items.popleft()
-                backlog.bytes -= len(header) + sum(len(f) for f in payload)
+                backlog.bytes -= message_size(header, payload)
             if not backlog.items:
                 del self.backlogs[ident]
 
@@ -344,6 +366,12 @@ class Broker:
         job = Job(ident, h, payload, role)
         if job.id in self.jobs:
             raise P.ProtocolError("SUBMIT of a job id already in use")
+        mine = [j for j in self.jobs.values() if j.owner == role]
+        if sum(len(f) for f in payload) > ONE_MESSAGE_MAX or len(mine) >= JOBS_PER_OWNER:
+            self.send(ident, P.REJECTED, {"j": job.id, "e": (
+                f"refused: a user may have {JOBS_PER_OWNER} jobs at once, and a job's function and local packages "
+                f"{ONE_MESSAGE_MAX >> 20} MB")}, keep=True)
+            return
         self.clients[job.client_id] = time.monotonic()
         if self.workers and not any(w.could_fit(job) for w in self.workers.values()):
             self.send(ident, P.REJECTED, self.no_fit(job), keep=True)
@@ -391,7 +419,9 @@ class Broker:
             raise P.ProtocolError("BATCH of a range already sent")
         # The client's credit: at most its window of batches, and of bytes unless it has none out (one input may
         # be larger than the window). Past it, the job ends: an honest client never gets there.
-        if len(job.pending) >= P.window(job.told) or (job.pending and job.pending_bytes >= P.MAX_OUTSTANDING_BYTES):
+        owners = sum(j.pending_bytes for j in self.jobs.values() if j.owner == role)
+        if len(job.pending) >= P.window(job.told) or batch.size > ONE_MESSAGE_MAX or \
+                (job.pending and (job.pending_bytes >= P.MAX_OUTSTANDING_BYTES or owners >= OWNER_BYTES_MAX)):
             self.send(ident, P.REJECTED, {"j": job.id, "t": "credit", "e": (
                 f"the client sent more than its window ({len(job.pending)} batches, {job.pending_bytes} bytes "
                 "without outcomes): the job was ended")}, keep=True)
@@ -464,7 +494,7 @@ class Broker:
             self.clients[h["c"]] = time.monotonic()
             # answered on the client's heartbeat connection, which no large message holds up: a client judges
             # the broker alive by it while a big result is still arriving on the job's connection
-            self.send(ident, P.HEARTBEAT, {})
+            self.send(ident, P.HEARTBEAT, {"jobs": [j.id for j in self.jobs.values() if j.client_id == h["c"]]})
         else:
             worker = self.worker_by_ident(ident, h)
             if worker is None:
@@ -480,13 +510,16 @@ class Broker:
         workers = [{
             "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots),
             "busy": sum(1 for s in w.slots if self.slots[s].job is not None),
-            "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus,
+            "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus[:64],
             "preparing": sum(1 for s in w.slots if self.slots[s].preparing), "containers": w.runtime,
         } for w in self.workers.values()]
+        if len(workers) > STATE_WORKERS:  # (a message stays under a frame)
+            workers.sort(key=lambda w: -w["busy"])
+            del workers[STATE_WORKERS:]
         jobs = [self.job_state(j) for j in self.jobs.values() if role is None or j.owner == role]
         recent = [{k: v for k, v in r.items() if k != "owner"} for r in self.recent
                   if role is None or r["owner"] == role]
-        return {"workers": workers, "jobs": jobs, "recent": recent}
+        return {"workers": workers, "jobs": jobs, "recent": recent, "nworkers": len(self.workers)}
 
     def job_state(self, j):
         return {"id": j.id.hex(), "done": j.done, "failed": j.failed, "submitted": j.sent, "total": j.total,
@@ -554,6 +587,9 @@ class Broker:
             self.remove_slot(old, "restarted" if old.pid != h.get("pid") else "dropped its tasks")
         slot = Slot(ident, name, worker_id, h.get("pid"), h.get("env"))
         slot.credit = h.get("k", P.PREFETCH)
+        # The executor's owner is tied to its process (its slot key), not to a READY, which its user code can
+        # send: only a fresh SLOT_KEY (a new executor) makes a slot fresh again.
+        slot.owner = self.slot_owners.get(name)
         self.slots[ident] = slot
         self.slot_names[name] = ident
         worker = self.workers.get(slot.worker_id)
@@ -567,6 +603,10 @@ class Broker:
         if self.worker_by_ident(ident, h) is None or not h["s"].startswith(h["w"] + "/"):
             raise P.ProtocolError("SLOT_KEY for a slot of another worker")
         if self.keys is not None:
+            if h.get("new"):
+                self.slot_owners.pop(h["s"], None)  # a new executor: fresh
+            elif h["p"] not in self.keys.slot_roles:  # re-announced to a broker that does not know whom it served
+                self.slot_owners[h["s"]] = UNKNOWN
             self.keys.admit_slot(h["s"], h["p"])
 
     def on_slot_died(self, ident, h, payload, role=None):
@@ -645,6 +685,8 @@ class Broker:
 
     def remove_worker(self, worker, why):
         self.workers.pop(worker.id, None)
+        if self.keys is not None:
+            self.keys.revoke_slots(worker.id + "/")
         for ident in list(worker.slots):
             slot = self.slots.get(ident)
             if slot is not None:
@@ -684,7 +726,7 @@ class Broker:
         gpus = [g for g in worker.free()[2] if kind is None or g.lower() == kind.lower()][:count]
         worker.claims[slot.ident] = (job.cpu, job.ram, gpus)
         slot.job = job
-        slot.owner = job.owner  # from now on this executor serves only this owner
+        slot.owner = self.slot_owners[slot.name] = job.owner  # from now on this executor serves only this owner
         job.slots.add(slot)
 
     def unbind(self, slot):
@@ -763,7 +805,8 @@ class Broker:
                 # (a slot of another owner is restarted in place: an executor never serves two API keys)
                 if worker is None or not worker.fits(job) or \
                         (slot.env == worker.target(job) and slot.may_serve(job)) or \
-                        any(slot.env == worker.target(other) and slot.may_serve(other) for other in active):
+                        any(slot.env == worker.target(other) and slot.may_serve(other) and other.queue and
+                            (not other.par or len(other.slots) < other.par) for other in active):
                     continue
                 idle.remove(slot)
                 slot.preparing = worker.target(job)
@@ -846,7 +889,12 @@ class Broker:
     def end_stuck_nested(self):
         """A nested job (submitted by a call) that no slot can ever take, because every slot that could run it
         holds a call waiting for a nested job, ends with a clear error instead of hanging its caller."""
-        waiting = {j.parent[1] for j in self.jobs.values() if j.parent}
+        waiting = set()  # slots whose call waits for a nested job: only as its caller's job says, and truly
+        for j in self.jobs.values():
+            parent = self.jobs.get(j.parent[0]) if j.parent else None
+            slot = self.slots.get(self.slot_names.get(j.parent[1])) if parent else None
+            if slot is not None and parent.owner == j.owner and slot.job is parent:
+                waiting.add(slot.name)
         for job in [j for j in self.jobs.values() if j.parent and j.queue and not j.slots]:
             fitting = [s for w in self.workers.values() if w.could_fit(job)
                        for s in map(self.slots.get, w.slots) if s is not None]

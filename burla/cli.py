@@ -90,8 +90,12 @@ def main(argv=None):
         from burla import security
         from burla.worker.worker import main as worker_main
 
-        if args.slots is not None and args.slots < 1:
-            parser.error("--slots must be at least 1")
+        if args.slots is not None and not 1 <= args.slots <= 100_000:
+            parser.error("--slots must be between 1 and 100000")
+        from burla import protocol
+
+        if args.name is not None and not protocol.NAME.fullmatch(args.name):
+            parser.error("--name: letters, digits and ._:@+- only (at most 128, starting with a letter or digit)")
         token = os.environ.pop("BURLA_WORKER_TOKEN", None)
         if args.token_file:
             try:

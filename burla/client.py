@@ -42,6 +42,7 @@ class Connection:
         self.idle = []
         self.refused = None  # why the broker refused our credentials (or speaks another version), once it has
         self.heard = time.monotonic()  # the broker's last answer to our heartbeats
+        self.answers, self.live = 0, set()  # answers so far; the job ids the latest one says the broker has
         self.lock = threading.Lock()
         threading.Thread(target=self.heartbeat, daemon=True, name="burla-heartbeat").start()
 
@@ -83,8 +84,10 @@ class Connection:
             if sock in events:
                 while sock.poll(0):
                     try:
-                        P.recv(sock)
+                        _, header, _ = P.recv(sock)
                         self.heard = time.monotonic()
+                        self.live = set(header.get("jobs") or ())
+                        self.answers += 1
                     except P.VersionMismatch as e:
                         self.refused = str(e)
                     except P.ProtocolError:
@@ -145,6 +148,7 @@ class Job:
             if environment.archive:
                 payload += serialize.split(environment.archive)
         self.closed = False
+        self.accepted = None  # how many heartbeat answers the connection had when the job was accepted
         self.send(P.SUBMIT, header, payload)
 
     def send(self, command, header, payload=()):
@@ -214,6 +218,11 @@ class Job:
                     self.view.tick()
                     if self.conn.refused:
                         raise errors.ClusterConnectionError(self.conn.refused)
+                    if self.accepted is not None and self.conn.answers >= self.accepted + 2 and \
+                            self.id not in self.conn.live:  # (the first answer after ACCEPTED may predate it)
+                        raise errors.ClusterConnectionError(
+                            f"the burla broker at {self.conn.address} no longer has this job (it restarted, or "
+                            "lost this connection)")
                     if time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
                         raise errors.ClusterConnectionError(
                             f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
@@ -253,6 +262,8 @@ class Job:
             self.view.lines(header.get("w"), header["l"])
         elif command in (P.ACCEPTED, P.HEARTBEAT):
             self.slots = header.get("s", self.slots)
+            if command == P.ACCEPTED:
+                self.accepted = self.conn.answers
         elif command == P.ENV:
             self.view.env(header)
         elif command == P.REJECTED:

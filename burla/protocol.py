@@ -44,8 +44,9 @@ LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text],
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid, env: its own environment's key,
 #                  ctr: container runtime it can run images with, None, or "?" while it finds out}
-SLOT_KEY = b"Q"  # {w, s: slot name, p: CURVE public key (z85)}: the key the slot's next executor connects with;
-#                  it replaces the slot's previous key. Executors never hold the worker token.
+SLOT_KEY = b"Q"  # {w, s: slot name, p: CURVE public key (z85), new: 1 for a new executor's key (0: announced
+#                  again, to a broker that restarted)}: the key the slot's executor connects with; it replaces the
+#                  slot's previous key. Executors never hold the worker token.
 ENV = b"V"  # {w, k: env key, st: "step" | "ready" | "failed", m: what is happening, t: seconds since it began}
 #             the broker passes it on to the clients of the jobs with that environment, adding j
 SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running,
@@ -64,7 +65,8 @@ TASK = b"T"  # {j, i, n, d, z, f: frames of the function in front (first TASK of
 #               payload: [function frames,] inputs
 # broker -> anyone it does not know (it restarted, or declared the peer dead): register again
 RECONNECT = b"Z"
-# any direction; any message counts as a sign of life; the broker answers a client's with one of its own
+# any direction; any message counts as a sign of life; the broker answers a client's with {jobs: the ids of that
+# client's jobs it has}, on the client's heartbeat connection
 HEARTBEAT = b"H"
 
 NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, bytes) and len(v) == 1}
@@ -197,7 +199,7 @@ SCHEMAS = {  # command -> (fields, required)
                 "slots": integer(1, 100_000), "cpu": number(0, 1e6), "ram": number(0, 1e9),
                 "gpu": list_of(text(64), 1024), "env": optional(text(64, ENV_KEY)), "ctr": optional(text(16))},
                ("w", "slots")),
-    SLOT_KEY: ({"w": text(128), "s": SLOT, "p": binary(40)}, ("w", "s", "p")),
+    SLOT_KEY: ({"w": text(128), "s": SLOT, "p": binary(40), "new": FLAG}, ("w", "s", "p")),
     READY: ({"w": text(128), "s": SLOT, "k": integer(1, PREFETCH), "pid": optional(integer(0, 1 << 31)),
              "env": optional(text(64, ENV_KEY))}, ("w", "s")),
     RESULT: ({"j": JOB_ID, "i": INDEX, "o": INDEX, "k": integer(0, MAX_BATCH_ITEMS), "e": list_of(ERROR, 1024),
@@ -228,7 +230,10 @@ def check(command, header):
 
 
 def send(sock, command, header, payload=(), ident=None, flags=0):
-    frames = [b"", VERSION, command, msgpack.packb(header), *payload]
+    packed = msgpack.packb(header)
+    if len(packed) > FRAME_MAX:  # the peer would drop the connection: say it here instead
+        raise ProtocolError(f"a {NAMES.get(command, command)} header of {len(packed)} bytes (at most {FRAME_MAX})")
+    frames = [b"", VERSION, command, packed, *payload]
     if ident is not None:
         frames.insert(0, ident)
     # copy=False: large payloads go out zero-copy; pyzmq still copies frames under its copy threshold.

@@ -75,12 +75,21 @@ class BrokerKeys:
         self.slot_keys = {}  # slot name -> its current key
 
     def admit_slot(self, name, public):
-        """Admit the key of a slot's next executor (and no longer its previous one's)."""
+        """Admit the key of a slot's next executor (and no longer its previous one's). The role names the key's
+        generation, so messages over a connection made with an older key are refused too."""
         old = self.slot_keys.pop(name, None)
         if old is not None:
             self.slot_roles.pop(old, None)
         self.slot_keys[name] = public
-        self.slot_roles[public] = "slot:" + name
+        self.slot_roles[public] = f"slot:{name}#{public[:10].decode()}"
+
+    def current_slot_key(self, name, generation):
+        key = self.slot_keys.get(name)
+        return key is not None and key[:10].decode() == generation
+
+    def revoke_slots(self, prefix):
+        for name in [n for n in self.slot_keys if n.startswith(prefix)]:
+            self.slot_roles.pop(self.slot_keys.pop(name), None)
 
     def api_key_of(self, role):
         """The API key of a client role, handed to the executors serving it so nested calls run as the same user

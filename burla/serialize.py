@@ -118,10 +118,24 @@ class Unloadable:
         self.error = error
 
 
+OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers stay in the pickle: many small arrays would make many frames
+
+
+def _collect(buffers):
+    """A pickle buffer_callback that keeps large buffers out of band (returning True keeps one in the pickle)."""
+    def callback(buffer):
+        if buffer.raw().nbytes < OUT_OF_BAND_MIN:
+            return True
+        buffers.append(buffer)
+        return False
+
+    return callback
+
+
 def pack(obj, compress=False):
-    """obj -> (flags, frames), one pickle (buffers out of band)."""
+    """obj -> (flags, frames), one pickle (large buffers out of band)."""
     buffers = []
-    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    stream = cloudpickle.dumps(obj, protocol=5, buffer_callback=_collect(buffers))
     return _to_frames([stream, *(b.raw() for b in buffers)], [0] * (1 + len(buffers)), compress)
 
 
@@ -132,7 +146,7 @@ def pack_items(items, compress=False):
     if set(map(type, items)) <= _SIMPLE:
         return pack(items, compress)
     out, buffers, index = io.BytesIO(), [], array.array("Q")
-    pickler = cloudpickle.Pickler(out, protocol=5, buffer_callback=buffers.append)
+    pickler = cloudpickle.Pickler(out, protocol=5, buffer_callback=_collect(buffers))
     for item in items:
         pickler.dump(item)
         pickler.clear_memo()  # each item loads on its own

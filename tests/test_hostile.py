@@ -106,16 +106,21 @@ def test_an_executor_never_serves_two_api_keys(secure, tmp_path, capfd):
     def snoop(x):
         from burla import serialize as s
 
-        original = s.unpack_items
+        with open(str(spy) + ".pids", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if getattr(s, "snooped", False):
+            return x
+        s.snooped = True
+        unpack, pack = s.unpack_items, s.pack
 
         def record(*args):
-            items = original(*args)
+            items = unpack(*args)
             with open(spy, "a") as f:
                 f.write(repr(items) + "\n")
             return items
 
         s.unpack_items = record
-        s.pack_items = lambda items, compress=False: original.__globals__["pack"](["forged"] * len(items))
+        s.pack_items = lambda items, compress=False: pack(["forged"] * len(items))
 
         def chatter():
             while True:
@@ -123,9 +128,10 @@ def test_an_executor_never_serves_two_api_keys(secure, tmp_path, capfd):
                 time.sleep(0.01)
 
         threading.Thread(target=chatter, daemon=True).start()
-        return os.getpid()
+        return x
 
-    pids_a = set(run(secure, snoop, range(4)))
+    run(secure, snoop, range(4))
+    pids_a = {int(line) for line in open(str(spy) + ".pids")}
     capfd.readouterr()
     out_b = run(secure, lambda x: (os.getpid(), x * 3), range(30), key=secure.other_key)
     assert [v for _, v in out_b] == [x * 3 for x in range(30)]  # not forged
@@ -333,3 +339,63 @@ def test_executors_rejoin_a_restarted_secure_broker(tmp_path):
         assert run(secure, lambda x: x * 5, range(6)) == [0, 5, 10, 15, 20, 25]
     finally:
         secure.stop()
+
+
+# found in review: user code could send READY for its own slot, which made the broker think the executor fresh
+def test_a_ready_from_user_code_does_not_make_an_executor_fresh(secure, tmp_path):
+    pids = tmp_path / "pids"
+
+    def trick(x):
+        import gc
+
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        executor = next(o for o in gc.get_objects() if type(o).__name__ == "Executor" and hasattr(o, "ready"))
+
+        def later():
+            time.sleep(0.3)
+            executor.ready()
+
+        threading.Thread(target=later, daemon=True).start()
+        return x
+
+    run(secure, trick, range(4))
+    time.sleep(0.8)
+    theirs = run(secure, lambda x: os.getpid(), range(20), key=secure.other_key)
+    assert not {int(p) for p in pids.read_text().split()} & set(theirs)
+
+
+def test_huge_error_messages_and_many_small_buffers_do_not_hang(cluster):
+    import numpy
+
+    def fail(x):
+        raise ValueError("中" * 50_000)  # 150 KB of UTF-8 in the message, and again in the traceback
+
+    with pytest.raises(ValueError, match="中"):
+        remote_parallel_map(fail, [1], cluster=cluster.address, spinner=False)
+    inputs = ([numpy.array([i]) for i in range(100)] for _ in range(3000))  # 300,000 small arrays
+    assert remote_parallel_map(len, inputs, cluster=cluster.address, spinner=False) == [100] * 3000
+
+
+def test_an_unpicklable_result_fails_alone(cluster):
+    def result_of(x):
+        return threading.Lock() if x == 1500 else x
+
+    out = remote_parallel_map(result_of, range(3000), cluster=cluster.address, spinner=False,
+                              return_exceptions=True)
+    assert isinstance(out[1500], TypeError) and out[1500].burla_input_index == 1500
+    assert out[:1500] == list(range(1500)) and out[1501:] == list(range(1501, 3000))
+
+
+def test_a_job_limited_to_one_slot_leaves_the_others_to_other_users(secure):
+    done = []
+    thread = threading.Thread(target=lambda: done.append(
+        run(secure, lambda x: time.sleep(0.3) or x, range(12), max_parallelism=1)))
+    run(secure, abs, range(8))  # (this user's first job used both slots: they are its executors now)
+    thread.start()
+    time.sleep(0.8)
+    start = time.monotonic()
+    assert run(secure, lambda x: x, range(4), key=secure.other_key) == [0, 1, 2, 3]
+    assert time.monotonic() - start < 2.5  # not after the other user's 3.6 s job
+    thread.join(30)
+    assert done == [list(range(12))]

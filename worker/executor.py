@@ -273,32 +273,54 @@ class Executor:
                     signal.setitimer(signal.ITIMER_REAL, 0)
 
     def send_result(self, job, start, offset, done, error, inputs, elapsed, last):
-        errors = []
+        """RESULTs for the calls on inputs offset..: done holds their results, error the exception that ended the
+        run after them. A result that cannot be pickled is its input's error, alone; results go in messages of
+        about P.MAX_BATCH_BYTES at most; the last says whether the batch is over."""
+        per_call = elapsed / max(len(done), 1)
+        parts = []  # [offset, results, flags, frames, [(error record, exception)]]
+        for k, values, packed in self.packed_runs(done):
+            if packed is None:
+                at = offset + k
+                bad = TypeError(f"the result of input {start + at} could not be pickled: {_repr.repr(values[0])}")
+                parts.append([at, [], [], [], [(error_info(bad, start + at, inputs[at]), bad)]])
+            else:
+                parts.append([offset + k, values, *packed, []])
         if error is not None:
             at = offset + len(done)
-            errors.append((error_info(error, start + at, inputs[at]), error))
+            failure = (error_info(error, start + at, inputs[at]), error)
+            if parts:
+                parts[-1][4].append(failure)  # (errors follow a message's results, in index order)
+            else:
+                parts.append([at, [], [], [], [failure]])
+        for n, (at, values, flags, frames, failures) in enumerate(parts or [[offset, [], [], [], []]]):
+            self.reply({"j": job, "i": start, "o": at, "t": per_call * len(values), "w": self.name,
+                        "k": len(values), "z": flags, "e": [info for info, _ in failures],
+                        "f": int(last and n >= len(parts) - 1)}, frames, [exc for _, exc in failures])
+
+    def packed_runs(self, done):
+        """[(offset, results, (flags, frames), or None for one result that cannot be pickled)], in runs of about
+        P.MAX_BATCH_BYTES at most."""
         try:
-            flags, packed = serialize.pack_items(done, self.compress)
+            runs = [(0, done, serialize.pack_items(done, self.compress))]
         except Exception:
-            k = next(k for k, v in enumerate(done) if not picklable(v))
-            bad = TypeError(f"the result of input {start + offset + k} could not be pickled: {_repr.repr(done[k])}")
-            errors = [(error_info(bad, start + offset + k, inputs[offset + k]), bad)]
-            done = done[:k]
-            flags, packed = serialize.pack_items(done, self.compress)
-            last = True
-        size = sum(len(f) for f in packed)
-        if size > P.MAX_BATCH_BYTES and len(done) > 1:  # results travel in messages of bounded size, as inputs do
-            step = max(1, int(len(done) * P.MAX_BATCH_BYTES / size))
-            for k in range(0, len(done) - step, step):
-                part = serialize.pack_items(done[k:k + step], self.compress)
-                self.reply({"j": job, "i": start, "o": offset + k, "k": step, "z": part[0], "e": [], "f": 0,
-                            "t": elapsed * step / len(done), "w": self.name}, part[1], [])
-            tail = (len(done) - 1) // step * step
-            offset, done, elapsed = offset + tail, done[tail:], elapsed * (len(done) - tail) / len(done)
-            flags, packed = serialize.pack_items(done, self.compress)
-        reply = {"j": job, "i": start, "o": offset, "t": elapsed, "w": self.name, "k": len(done), "z": flags,
-                 "e": [info for info, _ in errors], "f": int(last)}
-        self.reply(reply, packed, [exc for _, exc in errors])
+            runs, k = [], 0
+            for j in range(len(done) + 1):
+                if j == len(done) or not picklable(done[j]):
+                    if j > k:
+                        runs.append((k, done[k:j], serialize.pack_items(done[k:j], self.compress)))
+                    if j < len(done):
+                        runs.append((j, done[j:j + 1], None))
+                    k = j + 1
+        out = []
+        for k, values, packed in runs:
+            size = sum(len(f) for f in packed[1]) if packed else 0
+            if size <= P.MAX_BATCH_BYTES or len(values) == 1:
+                out.append((k, values, packed))
+                continue
+            step = max(1, int(len(values) * P.MAX_BATCH_BYTES / size))
+            out += [(k + j, values[j:j + step], serialize.pack_items(values[j:j + step], self.compress))
+                    for j in range(0, len(values), step)]
+        return out
 
     def reply(self, header, frames, exceptions):
         header.setdefault("w", self.name)
@@ -387,10 +409,17 @@ def error_info(exc, index, value, while_=None):
         message = str(exc)
     except Exception as e:  # a user's __str__ may itself fail
         message = f"<str() failed: {e!r}>"
-    if len(text) > 100_000:  # (the broker refuses larger records; the end of a traceback is the news)
-        text = "...\n" + text[-100_000:]
-    return P.error_record(index, f"{kind.__module__}.{kind.__qualname__}"[:500], message[:60_000], text,
-                          _repr.repr(value)[:4000])
+    # (a record stays far under a frame, in UTF-8 bytes, whatever the script; a traceback's end is the news)
+    return P.error_record(index, clip(f"{kind.__module__}.{kind.__qualname__}", 500), clip(message, 16_000),
+                          clip(text, 96_000, tail=True), clip(_repr.repr(value), 4000))
+
+
+def clip(text, most, tail=False):
+    """text in at most `most` bytes of UTF-8 (lone surrogates escaped), its start or (tail) its end kept."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= most:
+        return data.decode("utf-8")
+    return ("..." + data[-most:].decode("utf-8", "ignore")) if tail else data[:most].decode("utf-8", "ignore") + "..."
 
 
 def exception_frame(exc):

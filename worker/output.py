@@ -15,7 +15,7 @@ import time
 from burla import protocol as P
 
 MAX_LINE = 64 << 10  # characters in one line (a quarter of that if not ASCII): a longer one is cut in pieces
-LOG_TEXT = getattr(P, "LOG_BYTES", 64 << 10)  # about this many bytes of text in one LOG message
+LOG_TEXT = P.LOG_BYTES  # about this many bytes of text in one LOG message
 PIPE_SIZE = 1 << 20  # what fds 1 and 2 hold before a writer waits for the executor to read (where allowed)
 READ_SIZE = 64 << 10  # one read of a pipe (under malloc's mmap threshold)
 DRAIN_MAX = 2 * PIPE_SIZE  # most bytes one drain reads: a process that writes without end does not hold it

@@ -198,7 +198,7 @@ class Worker:
             return None
         credential, public = security.slot_credential(self.token)
         self.slot_keys[slot.index] = public
-        self.announce.append(slot.index)
+        self.announce.append((slot.index, 1))
         if self.sock is not None:
             self.send_announcements()
         return credential
@@ -216,9 +216,9 @@ class Worker:
 
     def send_announcements(self):
         while self.announce:
-            index = self.announce.pop(0)
+            index, new = self.announce.pop(0)  # new: a new executor's key (not one announced before)
             P.send(self.sock, P.SLOT_KEY, {"w": self.id, "s": P.slot_name(self.id, index),
-                                           "p": self.slot_keys[index]})
+                                           "p": self.slot_keys[index], "new": new})
 
     def start_slot(self, slot, fork):
         slot.container = slot.zygote = None
@@ -527,6 +527,8 @@ class Worker:
                 self.runtime = event["runtime"]
                 self.register()  # the broker learns whether it can send image jobs here
                 continue
+            if len(event["m"]) > 16_000:  # (a header stays well under a frame, in any script; the end is the news)
+                event["m"] = "...\n" + event["m"][-16_000:]
             P.send(self.sock, P.ENV, event)
             slots = self.building.pop(event["k"], ()) if event["st"] in ("ready", "failed") else ()
             if event["st"] == "ready":
@@ -658,7 +660,7 @@ class Worker:
 
     def rejoin(self):
         self.register()
-        self.announce = list(self.slot_keys)  # a restarted broker knows no slot keys
+        self.announce = [(index, 0) for index in self.slot_keys]  # a restarted broker knows no slot keys
         self.send_announcements()
         self.tell_executors(b"R")
         for slots in self.building.values():  # the broker no longer holds those slots for the environment: they
