@@ -116,7 +116,8 @@ class Worker:
         for c, r, claimed in self.claims.values():
             cpu, ram = cpu - c, ram - r
             for g in claimed:
-                gpus.remove(g)
+                if g in gpus:  # (a worker may register again with fewer)
+                    gpus.remove(g)
         return cpu, ram, gpus
 
     def env_failed(self, key):
@@ -561,6 +562,10 @@ class Broker:
     def on_register(self, ident, h, payload, role=None):
         worker = Worker(ident, h)
         old = self.workers.get(worker.id)
+        if old is not None and old.ident != ident and \
+                time.monotonic() - old.last_seen < P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
+            # (a worker that restarts, or dials again, waits until its old connection is silent for long enough)
+            raise P.ProtocolError(f"REGISTER of worker id {worker.id!r}, which a live connection holds")
         self.workers[worker.id] = worker
         # Keep the slots it had (or whose READY came first) and what they hold.
         for slot in self.slots.values():

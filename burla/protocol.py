@@ -169,6 +169,7 @@ def record(fields, required=()):
 
 
 JOB_ID = binary(8)
+CURVE_KEY = lambda v: isinstance(v, bytes) and re.fullmatch(rb"[0-9a-zA-Z.:+=^!/*?&<>()\[\]{}@%$#-]{40}", v) is not None
 FLAG = one_of(0, 1)
 FLAGS = list_of(integer(0, 7), 1 << 16)
 INDEX = integer()
@@ -199,7 +200,7 @@ SCHEMAS = {  # command -> (fields, required)
                 "slots": integer(1, 100_000), "cpu": number(0, 1e6), "ram": number(0, 1e9),
                 "gpu": list_of(text(64), 1024), "env": optional(text(64, ENV_KEY)), "ctr": optional(text(16))},
                ("w", "slots")),
-    SLOT_KEY: ({"w": text(128), "s": SLOT, "p": binary(40), "new": FLAG}, ("w", "s", "p")),
+    SLOT_KEY: ({"w": text(128), "s": SLOT, "p": CURVE_KEY, "new": FLAG}, ("w", "s", "p")),
     READY: ({"w": text(128), "s": SLOT, "k": integer(1, PREFETCH), "pid": optional(integer(0, 1 << 31)),
              "env": optional(text(64, ENV_KEY))}, ("w", "s")),
     RESULT: ({"j": JOB_ID, "i": INDEX, "o": INDEX, "k": integer(0, MAX_BATCH_ITEMS), "e": list_of(ERROR, 1024),
@@ -308,10 +309,13 @@ def socket(ctx, kind, credential=None, role=None):
     sock.maxmsgsize = FRAME_MAX + 1024  # a larger frame drops the connection (before authentication too)
     # High water marks are only a backstop: credit keeps queues short.
     sock.sndhwm = sock.rcvhwm = 100_000
-    # ZMTP heartbeats: a TCP connection silent for long (a cut link) is dropped, and dialled again. Generous: a
-    # PONG can queue behind a large message, and liveness is judged by our own heartbeats anyway.
-    sock.heartbeat_ivl = int(HEARTBEAT_INTERVAL * 1000)
-    sock.heartbeat_timeout = int(max(10.0, 10 * HEARTBEAT_INTERVAL) * 1000)
+    if kind != zmq.ROUTER:
+        # ZMTP heartbeats: a TCP connection silent for long (a cut link) is dropped, and dialled again. Generous:
+        # a PONG can queue behind a large message, and liveness is judged by our own heartbeats anyway. Not on the
+        # broker's ROUTER: there libzmq 4.3 aborts the process when a heartbeat times out on a connection whose
+        # peer stopped reading (zeromq/libzmq#3937, #4364), which any client could make happen.
+        sock.heartbeat_ivl = int(HEARTBEAT_INTERVAL * 1000)
+        sock.heartbeat_timeout = int(max(10.0, 10 * HEARTBEAT_INTERVAL) * 1000)
     if kind == zmq.ROUTER:
         sock.router_mandatory = 1  # a send to a dead peer fails loudly instead of vanishing
         # Per peer: the broker reads fast and never waits on a peer (a peer that does not read fills its queue,
