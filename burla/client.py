@@ -295,7 +295,7 @@ class Job:
         if values:
             size = sum(len(f) for f in payload[:len(flags)]) / len(values)
             self.result_bytes = size if self.result_bytes is None else 0.5 * (self.result_bytes + size)
-        for k, value in enumerate(values):
+        for k, value in enumerate(values) if serialize.per_item(flags) else ():
             if type(value) is serialize.Unloadable:  # that result alone failed to unpickle here
                 values[k] = unloadable_result(start + offset + k, value.error)
                 if not self.return_exceptions:

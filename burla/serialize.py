@@ -106,8 +106,6 @@ COMPRESSED = 1  # the buffer this frame belongs to is blosc2-compressed (set on 
 CONTINUED = 2  # this frame continues the previous frame's buffer (no frame exceeds protocol.FRAME_MAX)
 INDEXED = 4  # the buffer is an index of per-item pickles (see pack_items)
 
-_SIMPLE = frozenset({int, float, complex, str, bytes, bool, type(None)})
-
 
 class Unloadable:
     """Stands for an item that could not be unpickled: that item's outcome is this error, and only that item's."""
@@ -139,12 +137,27 @@ def pack(obj, compress=False):
     return _to_frames([stream, *(b.raw() for b in buffers)], [0] * (1 + len(buffers)), compress)
 
 
+class _Watching(cloudpickle.Pickler):
+    """Notes whether anything but builtin values and containers was pickled: only such objects (a class, a custom
+    __reduce__, a module the other side may lack) can fail to unpickle."""
+
+    custom = False
+
+    def reducer_override(self, obj):  # (never called for ints, strings, bytes, lists, tuples, dicts, sets)
+        self.custom = True
+        return super().reducer_override(obj)
+
+
 def pack_items(items, compress=False):
     """A list -> (flags, frames) that unpack_items turns back into the list, where an item that cannot be
-    unpickled on the other side fails alone. A list of plain values (which always load) is one pickle, at ~10 ns an
-    item; any other list is one pickle per item (~0.5 us each) with an index of where each ends."""
-    if set(map(type, items)) <= _SIMPLE:
-        return pack(items, compress)
+    unpickled on the other side fails alone. A list of builtin values (which always load) is one pickle; any
+    other list is one pickle per item (~0.5 us each) with an index of where each ends."""
+    out, buffers = io.BytesIO(), []
+    pickler = _Watching(out, protocol=5, buffer_callback=_collect(buffers))
+    pickler.dump(items)
+    if not pickler.custom:
+        parts = [out.getvalue(), *(b.raw() for b in buffers)]
+        return _to_frames(parts, [0] * len(parts), compress)
     out, buffers, index = io.BytesIO(), [], array.array("Q")
     pickler = cloudpickle.Pickler(out, protocol=5, buffer_callback=_collect(buffers))
     for item in items:
@@ -182,8 +195,9 @@ def join(frames):
     return views[0] if len(views) == 1 else b"".join(views)
 
 
-def _buffers(flags, frames):
-    """[(kind, buffer)] from frames and their flags: pieces joined, decompressed."""
+def _buffers(flags, frames, stream_pieces=False):
+    """[(kind, buffer)] from frames and their flags: pieces joined, decompressed. stream_pieces: the first buffer
+    (the pickle stream), if uncompressed, stays a list of pieces for a _Pieces reader."""
     if len(flags) != len(frames) or (flags and flags[0] & CONTINUED):
         raise ValueError("frames do not match their flags")
     groups = []
@@ -193,7 +207,10 @@ def _buffers(flags, frames):
         else:
             groups.append((flag, [frame]))
     out = []
-    for flag, pieces in groups:
+    for k, (flag, pieces) in enumerate(groups):
+        if k == 0 and stream_pieces and not flag & COMPRESSED and len(pieces) > 1:
+            out.append((flag, [p.buffer if hasattr(p, "buffer") else memoryview(p) for p in pieces]))
+            continue
         data = join(pieces)
         if flag & COMPRESSED:
             data = _decompress(data)
@@ -201,16 +218,60 @@ def _buffers(flags, frames):
     return out
 
 
+class _Pieces:
+    """A file over a pickle stream's frames: the unpickler copies each large string or bytes object straight out
+    of them (readinto), with no joined copy of the whole stream first (a copy, and its page faults)."""
+
+    def __init__(self, views):
+        self.views, self.k, self.at = [memoryview(v).cast("B") for v in views], 0, 0
+
+    def readinto(self, buffer):
+        out, n = memoryview(buffer).cast("B"), 0
+        while n < len(out) and self.k < len(self.views):
+            view = self.views[self.k]
+            take = min(len(view) - self.at, len(out) - n)
+            out[n:n + take] = view[self.at:self.at + take]
+            n, self.at = n + take, self.at + take
+            if self.at == len(view):
+                self.k, self.at = self.k + 1, 0
+        return n
+
+    def read(self, size=-1):
+        if self.k < len(self.views) and 0 <= size <= len(self.views[self.k]) - self.at:
+            data = bytes(self.views[self.k][self.at:self.at + size])  # (the common case: within one frame)
+            self.at += size
+            if self.at == len(self.views[self.k]):
+                self.k, self.at = self.k + 1, 0
+            return data
+        if size < 0:
+            size = sum(len(v) for v in self.views[self.k:]) - self.at
+        buffer = bytearray(size)
+        return bytes(buffer[:self.readinto(buffer)])
+
+    def readline(self):  # (protocol 5 pickles never need it; pickle asks that it exist)
+        line = bytearray()
+        while not line.endswith(b"\n") and self.k < len(self.views):
+            line += self.read(1)
+        return bytes(line)
+
+
 def unpack(flags, frames):
-    buffers = [data for _, data in _buffers(flags or [0] * len(frames), frames)]
+    buffers = [data for _, data in _buffers(flags or [0] * len(frames), frames, stream_pieces=True)]
+    if isinstance(buffers[0], list):
+        return pickle.load(_Pieces(buffers[0]), buffers=buffers[1:])
     return pickle.loads(buffers[0], buffers=buffers[1:])
+
+
+def per_item(flags):
+    """Whether unpack_items may hold an Unloadable: only per-item pickles can fail one by one."""
+    return bool(flags) and bool(flags[0] & INDEXED)
 
 
 def unpack_items(flags, frames):
     """What pack_items packed. With an index, an item that fails to unpickle is an Unloadable in its place."""
-    buffers = _buffers(flags, frames)
-    if not buffers or not buffers[0][0] & INDEXED:
+    if not flags or not flags[0] & INDEXED:
         return unpack(flags, frames)
+    buffers = _buffers(flags, frames)
     index = array.array("Q")
     index.frombytes(buffers[0][1])
     stream, oob = memoryview(buffers[1][1]), [data for _, data in buffers[2:]]

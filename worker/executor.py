@@ -181,7 +181,7 @@ class Executor:
             function, payload = self.function(header, payload)
             inputs = serialize.unpack_items(header.get("z"), payload)
             os.environ["BURLA_PARENT"] = f"{job.hex()}:{self.name}"  # (nested jobs name their caller)
-            if any(type(x) is serialize.Unloadable for x in inputs):
+            if serialize.per_item(header.get("z")) and any(type(x) is serialize.Unloadable for x in inputs):
                 function = failing_unloadable(function)  # such an input fails alone, with its own index
         except BaseException as e:
             first = isolate or 0
