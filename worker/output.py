@@ -176,7 +176,24 @@ def write_all(fd, data):
         data = data[os.write(fd, data):]
 
 
-class Capture(io.TextIOBase):
+class _CapturedStream:
+    """What Capture and its .buffer share: the real fd (a pipe the executor reads), never a terminal."""
+
+    def fileno(self):
+        return self.stream
+
+    def isatty(self):
+        return False
+
+    def writable(self):
+        return True
+
+    def flush(self):
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+
+
+class Capture(_CapturedStream, io.TextIOBase):
     """sys.stdout or sys.stderr in an executor: text goes to the sink, bytes (.buffer) too, decoded as UTF-8;
     fileno() is the real fd, a pipe the executor reads (FdCapture). close() holds for the rest of the batch."""
 
@@ -201,18 +218,6 @@ class Capture(io.TextIOBase):
             self._buffer = CaptureBuffer(self.sink, self.stream)
         return self._buffer
 
-    def fileno(self):
-        return self.stream
-
-    def isatty(self):
-        return False
-
-    def writable(self):
-        return True
-
-    def flush(self):
-        if self.closed:
-            raise ValueError("I/O operation on closed file.")
 
     def close(self):
         if self._buffer is not None:
@@ -235,7 +240,7 @@ class Capture(io.TextIOBase):
         return True
 
 
-class CaptureBuffer(io.BufferedIOBase):
+class CaptureBuffer(_CapturedStream, io.BufferedIOBase):
     """Capture.buffer: bytes, decoded as UTF-8 (a character may span writes; bad bytes become U+FFFD)."""
 
     def __init__(self, sink, stream):
@@ -255,18 +260,6 @@ class CaptureBuffer(io.BufferedIOBase):
                 self.sink.write(self.stream, text)
         return n
 
-    def fileno(self):
-        return self.stream
-
-    def isatty(self):
-        return False
-
-    def writable(self):
-        return True
-
-    def flush(self):
-        if self.closed:
-            raise ValueError("I/O operation on closed file.")
 
 
 class FdCapture:
