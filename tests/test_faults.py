@@ -115,3 +115,24 @@ def test_executors_die_with_their_worker_even_mid_call(new_cluster):
     finally:
         client.kill()
         client.wait()
+
+
+def test_a_job_the_restarted_broker_does_not_have_fails_instead_of_waiting(new_cluster):
+    """A broker restarted at once answers heartbeats again, so silence is never seen; its heartbeat answers list
+    the client's jobs, and a job missing from them ends with ClusterConnectionError instead of waiting for ever."""
+    c = new_cluster
+    c.start_worker("w", 2)
+    c.wait_for(1)
+
+    def restart():
+        time.sleep(1.0)
+        c.procs.pop("broker").kill()
+        c.start_broker()
+
+    restarter = threading.Thread(target=restart)
+    restarter.start()
+    start = time.monotonic()
+    with pytest.raises(burla.ClusterConnectionError, match="no longer has this job"):
+        remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False)
+    restarter.join()
+    assert time.monotonic() - start < 15
