@@ -541,18 +541,8 @@ class Broker:
             role, expires = self.watchers[ident]
             if role not in states:
                 states[role] = self.state(role)
-            if expires < now or not self.send_watcher(ident, P.STATE, states[role]):
+            if expires < now or not self.send(ident, P.STATE, states[role]):
                 del self.watchers[ident]
-
-    def send_watcher(self, ident, command, header, payload=()):
-        """Send without ever blocking the broker: False only if the watcher is gone."""
-        try:
-            P.send(self.sock, command, header, payload, ident=ident, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:  # its queue is full: it is behind, and a dashboard must not slow jobs down
-            return True
-        except zmq.ZMQError:  # gone (EHOSTUNREACH)
-            return False
 
     # ---------------------------------------------------------------- workers
     def worker_by_ident(self, ident, h):
@@ -665,7 +655,7 @@ class Broker:
         self.send(job.client, P.LOG, h, payload, keep=True)
         for watcher, (watcher_role, _) in self.watchers.items():
             if watcher_role == job.owner and watcher != job.client:
-                self.send_watcher(watcher, P.LOG, h, payload)
+                self.send(watcher, P.LOG, h, payload)
 
     def remove_slot(self, slot, why, at=None, timed_out=False):
         """Forget a slot whose executor is gone, and run what it held again. at: the input its call was running,

@@ -23,7 +23,6 @@ from burla.progress import create as create_view
 
 TARGET_BATCH_SECONDS = 0.1
 SPLIT_MIN_SECONDS = 0.002  # work smaller than this is not worth a batch of its own (a round trip costs ~0.3 ms)
-MAX_BATCH_ITEMS, MAX_BATCH_BYTES, MAX_OUTSTANDING_BYTES = P.MAX_BATCH_ITEMS, P.MAX_BATCH_BYTES, P.MAX_OUTSTANDING_BYTES
 SILENCE_LIMIT = P.HEARTBEAT_INTERVAL * (P.HEARTBEAT_LIVENESS + 1)  # a broker this quiet is gone
 
 _connections = {}
@@ -171,15 +170,15 @@ class Job:
             n = min(n, max(math.ceil((self.total - self.sent) / (2 * max(self.slots, 1))),
                            SPLIT_MIN_SECONDS / per_call))
         if self.item_bytes:
-            n = min(n, MAX_BATCH_BYTES / self.item_bytes)
+            n = min(n, P.MAX_BATCH_BYTES / self.item_bytes)
         if self.result_bytes:
-            n = min(n, MAX_BATCH_BYTES / self.result_bytes)
-        return int(min(max(n, 1), MAX_BATCH_ITEMS))
+            n = min(n, P.MAX_BATCH_BYTES / self.result_bytes)
+        return int(min(max(n, 1), P.MAX_BATCH_ITEMS))
 
     def fill(self):
         window = P.window(self.slots)  # the broker holds us to it
         while (not self.exhausted and len(self.outstanding) < window
-               and (self.outstanding_bytes < MAX_OUTSTANDING_BYTES or not self.outstanding)):
+               and (self.outstanding_bytes < P.MAX_OUTSTANDING_BYTES or not self.outstanding)):
             items = list(itertools.islice(self.inputs, self.batch_size()))
             if not items:
                 self.exhausted = True

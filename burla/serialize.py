@@ -137,15 +137,16 @@ def pack(obj, compress=False):
     return _to_frames([stream, *(b.raw() for b in buffers)], [0] * (1 + len(buffers)), compress)
 
 
-class _Watching(cloudpickle.Pickler):
-    """Notes whether anything but builtin values and containers was pickled: only such objects (a class, a custom
-    __reduce__, a module the other side may lack) can fail to unpickle."""
+class _Custom(Exception):
+    pass
 
-    custom = False
+
+class _Watching(cloudpickle.Pickler):
+    """Stops at the first object that is not a builtin value or container: only such objects (a class, a custom
+    __reduce__, a module the other side may lack) can fail to unpickle, and then each item needs its own pickle."""
 
     def reducer_override(self, obj):  # (never called for ints, strings, bytes, lists, tuples, dicts, sets)
-        self.custom = True
-        return super().reducer_override(obj)
+        raise _Custom
 
 
 def pack_items(items, compress=False):
@@ -153,11 +154,12 @@ def pack_items(items, compress=False):
     unpickled on the other side fails alone. A list of builtin values (which always load) is one pickle; any
     other list is one pickle per item (~0.5 us each) with an index of where each ends."""
     out, buffers = io.BytesIO(), []
-    pickler = _Watching(out, protocol=5, buffer_callback=_collect(buffers))
-    pickler.dump(items)
-    if not pickler.custom:
+    try:
+        _Watching(out, protocol=5, buffer_callback=_collect(buffers)).dump(items)
         parts = [out.getvalue(), *(b.raw() for b in buffers)]
         return _to_frames(parts, [0] * len(parts), compress)
+    except _Custom:
+        pass
     out, buffers, index = io.BytesIO(), [], array.array("Q")
     pickler = cloudpickle.Pickler(out, protocol=5, buffer_callback=_collect(buffers))
     for item in items:
