@@ -5,11 +5,13 @@
 """
 
 from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, EnvironmentBuildError,
-                          JobCancelledError, NoCompatibleWorkerError, RemoteError, WorkerDiedError)
+                          JobCancelledError, JobExpiredError, JobNotFoundError, NoCompatibleWorkerError, RemoteError,
+                          WorkerDiedError)
 
-__version__ = "0.2.0"
-__all__ = ["remote_parallel_map", "BurlaError", "CallTimeoutError", "ClusterConnectionError", "EnvironmentBuildError",
-           "JobCancelledError", "NoCompatibleWorkerError", "RemoteError", "WorkerDiedError"]
+__version__ = "0.3.0"
+__all__ = ["remote_parallel_map", "Job", "attach", "jobs", "BurlaError", "CallTimeoutError", "ClusterConnectionError",
+           "EnvironmentBuildError", "JobCancelledError", "JobExpiredError", "JobNotFoundError", "NoCompatibleWorkerError",
+           "RemoteError", "WorkerDiedError"]
 
 
 def load_ipython_extension(ipython):
@@ -25,4 +27,8 @@ def __getattr__(name):
         from burla.client import remote_parallel_map
 
         return remote_parallel_map
+    if name in ("Job", "attach", "jobs"):
+        from burla import job
+
+        return getattr(job, name)
     raise AttributeError(f"module 'burla' has no attribute {name!r}")

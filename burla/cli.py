@@ -22,8 +22,13 @@ def main(argv=None):
 
     p = sub.add_parser("broker", help="run a broker (the head of a cluster)")
     p.add_argument("--bind", default="tcp://0.0.0.0:5555", help="address to listen on (default %(default)s)")
-    p.add_argument("--state-dir", default="~/.burla/broker",
-                   help="private folder for the broker's keys, API keys and worker tokens (default %(default)s)")
+    p.add_argument("--state-dir",
+                   help="private folder for the broker's keys, API keys, worker tokens and jobs (default "
+                        "~/.burla/broker; for an ipc:// broker, beside its socket)")
+    p.add_argument("--spool-gb", type=float, default=20.0,
+                   help="disk the jobs' spooled inputs and kept results may use (default %(default)s)")
+    p.add_argument("--retention", type=float, default=7.0,
+                   help="days an ended detached job's results are kept (default %(default)s)")
     p.add_argument("--new-api-key", action="store_true", help="issue one more API key (a new client), print it, exit")
     p.add_argument("--insecure", action="store_true",
                    help="TCP without encryption or authentication (only on a network you fully trust)")
@@ -140,7 +145,7 @@ def broker(args):
     if args.bind.startswith("tcp://") and not args.insecure:
         from burla.security import BrokerKeys
 
-        keys = BrokerKeys(args.state_dir)
+        keys = BrokerKeys(args.state_dir or "~/.burla/broker")
         if args.new_api_key:
             print(keys.add_api_key())
             return 0
@@ -155,7 +160,10 @@ def broker(args):
     elif args.new_api_key:
         print("--new-api-key needs a tcp:// broker without --insecure", file=sys.stderr)
         return 2
-    broker_main(args.bind, args.parent_fd, keys)
+    if not args.spool_gb > 0 or not args.retention > 0:
+        print("--spool-gb and --retention must be positive", file=sys.stderr)
+        return 2
+    return broker_main(args.bind, args.parent_fd, keys, args.state_dir, args.spool_gb, args.retention * 86400)
 
 
 def status(args):

@@ -14,9 +14,11 @@ import os
 import re
 import threading
 import time
+import warnings
 import weakref
 
 import zmq
+import zmq.utils.monitor
 
 from burla import config, env, errors, protocol as P, security, serialize
 from burla.progress import create as create_view
@@ -38,10 +40,13 @@ class Connection:
         self.ctx = zmq.Context()
         self.client_id = os.urandom(8)
         self.compress = not P.is_local(address)
+        self.local = False  # the embedded cluster (it ends with this process)
         self.idle = []
         self.refused = None  # why the broker refused our credentials (or speaks another version), once it has
         self.heard = time.monotonic()  # the broker's last answer to our heartbeats
         self.answers, self.live = 0, set()  # answers so far; the job ids the latest one says the broker has
+        self.active = set()  # ids of the jobs streams of this process read
+        self.monitors = {}  # job socket -> [its monitor socket, disconnected since the last look]
         self.lock = threading.Lock()
         threading.Thread(target=self.heartbeat, daemon=True, name="burla-heartbeat").start()
 
@@ -60,6 +65,29 @@ class Connection:
     def release(self, sock):
         with self.lock:
             self.idle.append(sock)
+
+    def monitor(self, sock):
+        """Watch a job socket's connection: after it breaks and is made again (a new connection, as the broker
+        sees it), the job must be attached again."""
+        if sock not in self.monitors:
+            self.monitors[sock] = [sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED),
+                                   False]
+        self.monitor_events(sock)  # (what happened while it was idle in the pool does not matter)
+        return sock
+
+    def monitor_events(self, sock):
+        """True if the socket's connection was made again since the last look."""
+        entry = self.monitors.get(sock)
+        if entry is None:
+            return False
+        again = False
+        while entry[0].poll(0):
+            event = zmq.utils.monitor.parse_monitor_message(entry[0].recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                entry[1] = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and entry[1]:
+                entry[1], again = False, True
+        return again
 
     def heartbeat(self):
         """Say we are alive, and hear the broker answer (on a connection of its own, which no large message holds
@@ -87,6 +115,8 @@ class Connection:
                         self.heard = time.monotonic()
                         self.live = set(header.get("jobs") or ())
                         self.answers += 1
+                        for job_id in self.live - self.active:  # ended here, and the END was lost on the way
+                            P.send(sock, P.END, {"j": job_id}, flags=zmq.NOBLOCK)
                     except P.VersionMismatch as e:
                         self.refused = str(e)
                     except P.ProtocolError:
@@ -98,10 +128,12 @@ class Connection:
 
 def connection(cluster=None, api_key=None):
     address = config.cluster_address(cluster)
+    local_cluster = False
     if address == "local":
         from burla import local
 
         address, api_key = local.cluster().address, None
+        local_cluster = True
     else:
         api_key = config.api_key(api_key) if address.startswith("tcp://") else None
         if api_key:
@@ -110,45 +142,54 @@ def connection(cluster=None, api_key=None):
     with _connections_lock:
         if key not in _connections:
             _connections[key] = Connection(address, api_key)
+            _connections[key].local = local_cluster
         return _connections[key]
 
 
-class Job:
-    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options, environment=None):
-        try:
-            function_bytes, digest = serialize.dumps_function(function_)
-        except Exception as e:
-            raise TypeError(f"the function {getattr(function_, '__qualname__', function_)!r} could not be "
-                            f"pickled: {e}") from e
-        self.conn = conn
-        self.id = os.urandom(8)
-        self.inputs = iter(inputs)
-        self.total = len(inputs) if hasattr(inputs, "__len__") else None
-        self.sent = 0  # inputs sent so far; also the index of the next one
-        self.exhausted = False
-        self.outstanding = {}  # first index of a batch -> Pending, until every input of it has an outcome
-        self.outstanding_bytes = 0
-        self.slots = 0
-        self.per_call = None  # seconds one call takes, as measured by the workers
-        self.item_bytes = None
-        self.result_bytes = None  # bytes of one result: batches are bounded by the size of their results too
-        self.view = create_view(spinner, self.total)  # what the user sees: terminal output, or a notebook widget
-        self.return_exceptions = bool(options.get("c"))
+def job_lease():
+    """Seconds a job waits for its client to come back (BURLA_JOB_LEASE, default 10 minutes)."""
+    try:
+        lease = float(os.environ.get("BURLA_JOB_LEASE", P.JOB_LEASE))
+    except ValueError:
+        raise ValueError(f"BURLA_JOB_LEASE must be a number of seconds, not {os.environ['BURLA_JOB_LEASE']!r}") \
+            from None
+    if not 1 <= lease <= 30 * 86400:
+        raise ValueError(f"BURLA_JOB_LEASE must be between 1 second and 30 days, not {lease:g}")
+    return lease
+
+
+ACK_INTERVAL = 0.2  # seconds between acknowledgements of what arrived (also sent when much has arrived)
+ACK_BYTES = 8 << 20
+ATTACH_RETRY = 2.0  # seconds between ATTACHes while the broker does not answer one
+
+
+class Stream:
+    """One job's conversation with the broker, as its client or as a process attached to it. Every result and log
+    line comes as a numbered entry of the job's outbox; the stream acknowledges them, and after any break (an
+    outage, a broker restart, another process) attaches again from the last one it holds, so it sees each entry
+    once and nothing is lost while the job's lease lasts."""
+
+    def __init__(self, conn, job_id, view, return_exceptions=False):
+        __tracebackhide__ = True
+        self.conn, self.id, self.view = conn, job_id, view
+        self.return_exceptions = return_exceptions
+        self.lease = job_lease()
         self.sock = conn.socket()
+        self.monitor = conn.monitor(self.sock)
+        conn.active.add(job_id)
         self.heard = time.monotonic()
-        payload = serialize.split(function_bytes)
-        header = {"j": self.id, "c": conn.client_id, "d": digest, "fn": len(payload), "n": self.total, "cpu": cpu,
-                  "ram": ram, "gpu": gpu, "par": parallelism, "o": options}
-        parent = os.environ.get("BURLA_PARENT", "")  # a call of another job (nested): its job and slot
-        if re.fullmatch(r"[0-9a-f]{16}:\S+", parent):
-            header["pa"] = {"j": bytes.fromhex(parent[:16]), "s": parent[17:]}
-        if environment is not None:
-            header["env"] = environment.header()
-            if environment.archive:
-                payload += serialize.split(environment.archive)
         self.closed = False
-        self.accepted = None  # how many heartbeat answers the connection had when the job was accepted
-        self.send(P.SUBMIT, header, payload)
+        self.q = 0  # the last outbox entry this stream holds
+        self.acked, self.unacked_bytes, self.acked_at = 0, 0, time.monotonic()
+        self.outstanding = {}  # first index of a batch -> Pending, until every input of it has an outcome
+        self.complete = set()  # batches that have every outcome (a reader learns of batches from their results)
+        self.slots = 0
+        self.total = None
+        self.ended = None  # (state, why) once the job's END entry is in
+        self.away_since = None  # when the broker stopped answering, while it does not
+        self.attaching = None  # when the ATTACH that is not answered yet was sent
+        self.per_call = self.result_bytes = None
+        self.logs = None  # a list to keep the log lines in, for Job.logs()
 
     def send(self, command, header, payload=()):
         try:
@@ -160,95 +201,79 @@ class Job:
                 f"could not reach the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
                 "(is it running, and is the API key right?)") from None
 
-    # ---------------------------------------------------------------- sending
-    def batch_size(self):
-        if self.per_call is None:
-            return 1  # until a result says how long a call takes, spread calls one per slot
-        per_call = max(self.per_call, 1e-8)
-        n = TARGET_BATCH_SECONDS / per_call
-        if self.total is not None:  # leave several batches per slot for the end, so no slot idles long
-            n = min(n, max(math.ceil((self.total - self.sent) / (2 * max(self.slots, 1))),
-                           SPLIT_MIN_SECONDS / per_call))
-        if self.item_bytes:
-            n = min(n, P.MAX_BATCH_BYTES / self.item_bytes)
-        if self.result_bytes:
-            n = min(n, P.MAX_BATCH_BYTES / self.result_bytes)
-        return int(min(max(n, 1), P.MAX_BATCH_ITEMS))
+    def attach(self, reader=False, logs_only=False):
+        """Ask for every outbox entry after the last one held, then ATTACHED."""
+        header = {"j": self.id, "c": self.conn.client_id, "q": self.q, "sl": min(self.slots, 1 << 20)}
+        if reader:
+            header["p"] = 1
+        if logs_only:
+            header["lg"] = 1
+        self.attaching = time.monotonic()
+        P.send(self.sock, P.ATTACH, header, flags=zmq.NOBLOCK)
 
-    def fill(self):
-        window = P.window(self.slots)  # the broker holds us to it
-        while (not self.exhausted and len(self.outstanding) < window
-               and (self.outstanding_bytes < P.MAX_OUTSTANDING_BYTES or not self.outstanding)):
-            items = list(itertools.islice(self.inputs, self.batch_size()))
-            if not items:
-                self.exhausted = True
-                self.view.total_known(self.sent)
+    def receive(self):
+        """Wait up to 250 ms for messages; yield (first index, values) runs of new outcomes."""
+        __tracebackhide__ = True
+        if not self.sock.poll(250):
+            self.idle()
+            return
+        while True:
+            try:
+                command, header, payload = P.recv(self.sock)
+            except zmq.Again:
                 break
-            self.send_batch(items)
+            except P.VersionMismatch as e:
+                raise errors.ClusterConnectionError(str(e)) from None
+            self.heard = time.monotonic()
+            if header.get("j") == self.id:
+                q = header.get("q")
+                if q is not None:  # an outbox entry: each is taken once, whatever is replayed
+                    if q <= self.q:
+                        continue
+                    self.q = q
+                    self.unacked_bytes += sum(len(f) for f in payload)
+                yield from self.handle(command, header, payload)
+            if not self.sock.poll(0):
+                break
+        self.acknowledge()
 
-    def send_batch(self, items):
-        try:
-            flags, frames = serialize.pack_items(items, self.conn.compress)
-        except Exception:
-            for k, item in enumerate(items):
-                try:
-                    serialize.pack_items([item])
-                except Exception as e:
-                    raise TypeError(f"input {self.sent + k} could not be pickled ({type(item).__name__}): {e}") \
-                        from e
-            raise
-        size = sum(len(f) for f in frames)
-        self.send(P.BATCH, {"j": self.id, "i": self.sent, "n": len(items), "z": flags}, frames)
-        self.outstanding[self.sent] = Pending(len(items), size)
-        self.outstanding_bytes += size
-        item = size / len(items)
-        self.item_bytes = item if self.item_bytes is None else 0.5 * (self.item_bytes + item)
-        self.sent += len(items)
+    def acknowledge(self, force=False):
+        if self.q > self.acked and (force or self.unacked_bytes > ACK_BYTES or
+                                    time.monotonic() - self.acked_at > ACK_INTERVAL):
+            try:
+                P.send(self.sock, P.ACK, {"j": self.id, "q": self.q}, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.acked, self.unacked_bytes, self.acked_at = self.q, 0, time.monotonic()
 
-    # ---------------------------------------------------------------- receiving
-    def batches(self):
-        """Yield (first index, results) for each batch as it completes; cancel the job if stopped early."""
-        __tracebackhide__ = True  # IPython and pytest leave burla's own frames out of a remote error's traceback
-        state = "cancelled"  # unless it ends otherwise: stopped by Ctrl-C, a kernel interrupt or the caller
-        try:
-            self.fill()
-            while self.outstanding or not self.exhausted:
-                if not self.sock.poll(250):
-                    self.view.tick()
-                    if self.conn.refused:
-                        raise errors.ClusterConnectionError(self.conn.refused)
-                    if self.accepted is not None and self.conn.answers >= self.accepted + 2 and \
-                            self.id not in self.conn.live:  # (the first answer after ACCEPTED may predate it)
-                        raise errors.ClusterConnectionError(
-                            f"the burla broker at {self.conn.address} no longer has this job (it restarted, or "
-                            "lost this connection)")
-                    if time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
-                        raise errors.ClusterConnectionError(
-                            f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
-                            "(is it running, and is the API key right?)")
-                    continue
-                while True:
-                    try:
-                        command, header, payload = P.recv(self.sock)
-                    except zmq.Again:
-                        break
-                    except P.VersionMismatch as e:
-                        raise errors.ClusterConnectionError(str(e)) from None
-                    self.heard = time.monotonic()
-                    if header.get("j") != self.id:
-                        continue  # left over from an earlier job on this socket
-                    for run in self.handle(command, header, payload):
-                        yield run
-                    if not self.sock.poll(0):
-                        break
-                self.fill()
-            self.close(P.END, "done")
-        except Exception:
-            state = "failed"
-            raise
-        finally:
-            if not self.closed:
-                self.close(P.CANCEL, state)
+    def idle(self):
+        """Nothing came: tell the view, and find out whether the broker is away, or back, or lost the job."""
+        self.view.tick()
+        self.acknowledge()
+        if self.conn.refused:
+            raise errors.ClusterConnectionError(self.conn.refused)
+        now = time.monotonic()
+        reconnected = self.conn.monitor_events(self.monitor)
+        if now - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
+            if self.away_since is None:
+                self.away_since = max(self.heard, self.conn.heard)
+                self.view.reconnecting(True)
+            if now - self.away_since > self.lease:
+                raise errors.ClusterConnectionError(
+                    f"no word from the burla broker at {self.conn.address} for {now - self.away_since:.0f} s, "
+                    f"longer than the job's lease ({self.lease:g} s, BURLA_JOB_LEASE): the job is cancelled")
+            return
+        if self.away_since is not None or reconnected:  # the broker is back (or our connection is new)
+            self.away_since = None
+            self.view.reconnecting(False)
+            self.attach()
+        elif self.attaching is not None and now - self.attaching > ATTACH_RETRY:
+            self.attach()  # (that one was lost)
+        elif self.lost():
+            self.attach()
+
+    def lost(self):
+        return False
 
     def handle(self, command, header, payload):
         __tracebackhide__ = True
@@ -258,32 +283,60 @@ class Job:
             if header.get("x"):
                 self.view.lines(header.get("w"), [[-1, 2, f"burla: {header['x']} log lines were dropped: this "
                                                           "program read them too slowly"]])
+            if self.logs is not None:
+                self.logs.extend((i, header.get("w"), stream, text) for i, stream, text in header["l"])
             self.view.lines(header.get("w"), header["l"])
         elif command in (P.ACCEPTED, P.HEARTBEAT):
             self.slots = header.get("s", self.slots)
             if command == P.ACCEPTED:
-                self.accepted = self.conn.answers
+                self.on_accepted()
+        elif command == P.ATTACHED:
+            self.attaching = None
+            self.slots = header.get("s") or self.slots
+            self.on_attached(header)
+        elif command == P.END:
+            self.ended = (header.get("st", "done"), header.get("e"))
         elif command == P.ENV:
             self.view.env(header)
         elif command == P.REJECTED:
-            if header.get("t") == "env":
-                raise errors.EnvironmentBuildError(header["e"])
-            if header.get("t") == "cancelled":
-                raise errors.JobCancelledError(header["e"])
-            if header.get("t") == "credit":
-                raise errors.BurlaError(header["e"])
-            raise errors.NoCompatibleWorkerError(header["e"])
+            self.attaching = None
+            return self.on_rejected(header)
         return ()
+
+    def on_accepted(self):
+        pass
+
+    def on_attached(self, header):
+        if header.get("n") is not None and header.get("sealed"):
+            self.total = header["n"]
+            self.view.total_known(self.total)
+
+    def on_rejected(self, header):
+        __tracebackhide__ = True
+        kind, message = header.get("t"), header["e"]
+        if kind == "env":
+            raise errors.EnvironmentBuildError(message)
+        if kind == "expired":
+            raise errors.JobExpiredError(message)
+        if kind == "cancelled":
+            raise errors.JobCancelledError(message)
+        if kind == "unknown":
+            raise errors.JobNotFoundError(message)
+        if kind in ("credit", "spool", "store", "nested", "failed", "done", "sealed"):
+            raise errors.BurlaError(message)
+        raise errors.NoCompatibleWorkerError(message)
 
     def on_result(self, header, payload):
         """The outcomes in a RESULT as (first index, values) runs; raises a failed call's exception unless the job
-        returns exceptions in place. Outcomes seen before (a batch re-run after its worker was presumed dead) are
-        dropped, so every input ends in exactly one outcome."""
+        returns exceptions in place. Outcomes seen before (a batch re-run after its worker was presumed dead, or
+        after a broker restart) are dropped, so every input ends in exactly one outcome."""
         __tracebackhide__ = True
         start = header["i"]
         pending = self.outstanding.get(start)
         if pending is None:
-            return []
+            if start in self.complete or not isinstance(self, Reader):
+                return []
+            pending = self.outstanding[start] = Pending(header.get("n") or 1, 0)
         if header.get("t") and header.get("k"):
             call = header["t"] / header["k"]
             self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
@@ -312,15 +365,15 @@ class Job:
         if pending.left == 0:
             del self.outstanding[start]
             self.outstanding_bytes -= pending.size
+            self.complete.add(start)
         self.view.advance(sum(len(v) for _, v in runs), header.get("w"), len(failures))
         return [(start + k, v) for k, v in runs]
 
-    def abandon(self):
-        if not self.closed:
-            self.close(P.CANCEL)
+    outstanding_bytes = 0
 
     def close(self, command, state="cancelled"):
         self.closed = True
+        self.conn.active.discard(self.id)
         self.view.close(state)
         try:
             P.send(self.sock, command, {"j": self.id}, flags=zmq.NOBLOCK)
@@ -330,13 +383,250 @@ class Job:
         self.conn.release(self.sock)
 
 
+class Job(Stream):
+    """A job this process submits: it feeds the inputs under credit and collects the outcomes. It keeps what it
+    would need to submit the job again (its function, the batches without every outcome), so a broker that lost
+    the job (restarted) gets it again and no input is lost."""
+
+    def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options, environment=None,
+                 detached=False):
+        try:
+            function_bytes, digest = serialize.dumps_function(function_)
+        except Exception as e:
+            raise TypeError(f"the function {getattr(function_, '__qualname__', function_)!r} could not be "
+                            f"pickled: {e}") from e
+        inputs_total = len(inputs) if hasattr(inputs, "__len__") else None
+        view = create_view(spinner and not detached, inputs_total)
+        super().__init__(conn, os.urandom(8), view, bool(options.get("c")))
+        self.inputs = iter(inputs)
+        self.total = inputs_total
+        self.sent = 0  # inputs sent so far; also the index of the next one
+        self.exhausted = False
+        self.detached = detached
+        self.item_bytes = None
+        payload = serialize.split(function_bytes)
+        header = {"j": self.id, "c": conn.client_id, "d": digest, "fn": len(payload), "n": self.total, "cpu": cpu,
+                  "ram": ram, "gpu": gpu, "par": parallelism, "o": options, "ls": self.lease}
+        parent = os.environ.get("BURLA_PARENT", "")  # a call of another job (nested): its job and slot
+        if re.fullmatch(r"[0-9a-f]{16}:\S+", parent):
+            header["pa"] = {"j": bytes.fromhex(parent[:16]), "s": parent[17:]}
+        if environment is not None:
+            header["env"] = environment.header()
+            if environment.archive:
+                payload += serialize.split(environment.archive)
+        if detached:
+            header["dt"] = 1
+        self.submission = (header, payload)
+        self.accepted = None  # how many heartbeat answers the connection had when the job was accepted
+        self.spooled = 0  # a detached job's inputs the broker has on disk
+        self.seal_sent = False
+        self.view.job_id(self.id.hex())
+        self.send(P.SUBMIT, header, payload)
+
+    # ---------------------------------------------------------------- sending
+    def batch_size(self):
+        if self.detached:  # no call has run yet: an eighth of a slot's share, within the size limits
+            n = math.ceil(max(self.total or self.sent, 1) / (8 * max(self.slots, 1)))
+        elif self.per_call is None:
+            return 1  # until a result says how long a call takes, spread calls one per slot
+        else:
+            per_call = max(self.per_call, 1e-8)
+            n = TARGET_BATCH_SECONDS / per_call
+            if self.total is not None:  # leave several batches per slot for the end, so no slot idles long
+                n = min(n, max(math.ceil((self.total - self.sent) / (2 * max(self.slots, 1))),
+                               SPLIT_MIN_SECONDS / per_call))
+        if self.item_bytes:
+            n = min(n, P.MAX_BATCH_BYTES / self.item_bytes)
+        if self.result_bytes:
+            n = min(n, P.MAX_BATCH_BYTES / self.result_bytes)
+        return int(min(max(n, 1), P.MAX_BATCH_ITEMS))
+
+    def fill(self):
+        if self.accepted is None and self.detached:
+            return  # (a detached job's inputs go to disk: they wait until the broker took the job)
+        window = P.window(self.slots)  # the broker holds us to it
+        while not self.exhausted and self.away_since is None and self.attaching is None and \
+                len(self.outstanding) < window and \
+                (self.outstanding_bytes < P.MAX_OUTSTANDING_BYTES or not self.outstanding):
+            items = list(itertools.islice(self.inputs, self.batch_size()))
+            if not items:
+                self.exhausted = True
+                self.view.total_known(self.sent)
+                break
+            self.send_batch(items)
+        if self.exhausted and (self.total != self.sent or self.detached) and not self.seal_sent:
+            self.seal_sent = True
+            self.send(P.SEAL, {"j": self.id, "n": self.sent})
+
+    def send_batch(self, items):
+        try:
+            flags, frames = serialize.pack_items(items, self.conn.compress)
+        except Exception:
+            for k, item in enumerate(items):
+                try:
+                    serialize.pack_items([item])
+                except Exception as e:
+                    raise TypeError(f"input {self.sent + k} could not be pickled ({type(item).__name__}): {e}") \
+                        from e
+            raise
+        header = {"j": self.id, "i": self.sent, "n": len(items), "z": flags}
+        self.send(P.BATCH, header, frames)
+        size = sum(len(f) for f in frames)
+        pending = self.outstanding[self.sent] = Pending(len(items), size)
+        pending.batch = (header, frames)  # kept to send again to a broker that lost it
+        self.outstanding_bytes += size
+        item = size / len(items)
+        self.item_bytes = item if self.item_bytes is None else 0.5 * (self.item_bytes + item)
+        self.sent += len(items)
+
+    # ---------------------------------------------------------------- picking the job up again
+    def on_accepted(self):
+        if self.accepted is not None:  # accepted again, by a broker that had lost the job: it holds nothing
+            self.on_attached({"have": [], "sealed": 0})
+        self.accepted = self.conn.answers
+
+    def lost(self):
+        """The broker's heartbeat answers have not listed this job twice since it took it."""
+        return self.accepted is not None and self.conn.answers >= self.accepted + 2 and \
+            self.id not in self.conn.live and not self.detached
+
+    def on_attached(self, header):
+        """The broker has what it listed: send again the batches it lacks (lost in a broken connection, or with a
+        broker that restarted), and the end of the inputs."""
+        have = set(header.get("have") or ())
+        for start, pending in self.outstanding.items():
+            if start not in have and pending.batch is not None:
+                self.send(P.BATCH, *pending.batch)
+        if self.seal_sent and not header.get("sealed"):
+            self.send(P.SEAL, {"j": self.id, "n": self.sent})
+        self.accepted = self.conn.answers
+
+    def on_rejected(self, header):
+        __tracebackhide__ = True
+        if header.get("t") == "unknown" and self.accepted is not None:
+            # The broker lost the job (it restarted without it): submit it again, with what is not done.
+            done = self.sent - sum(p.left for p in self.outstanding.values())
+            submit, payload = self.submission
+            self.q = self.acked = 0
+            self.send(P.SUBMIT, dict(submit, re=1, rs=max(done, 0), sl=min(self.slots, 1 << 20)), payload)
+            return ()
+        return super().on_rejected(header)
+
+    def on_spooled(self, header):
+        """Inputs up to n are on the head's disk: those batches need not be kept, or sent again."""
+        self.spooled = max(self.spooled, header.get("n", 0))
+        for start in [s for s, p in self.outstanding.items() if s + p.n <= self.spooled]:
+            self.outstanding_bytes -= self.outstanding.pop(start).size
+
+    def handle(self, command, header, payload):
+        __tracebackhide__ = True
+        if command == P.SPOOLED:
+            self.on_spooled(header)
+            if header.get("sealed"):
+                self.ended = ("spooled", None)
+            return ()
+        return super().handle(command, header, payload)
+
+    # ---------------------------------------------------------------- receiving
+    def batches(self):
+        """Yield (first index, results) for each batch as it completes; cancel the job if stopped early."""
+        __tracebackhide__ = True  # IPython and pytest leave burla's own frames out of a remote error's traceback
+        state = "cancelled"  # unless it ends otherwise: stopped by Ctrl-C, a kernel interrupt or the caller
+        try:
+            self.fill()
+            while self.outstanding or not self.exhausted:
+                if self.accepted is None and time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
+                    raise errors.ClusterConnectionError(
+                        f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
+                        "(is it running, and is the API key right?)")
+                for run in self.receive():
+                    yield run
+                self.fill()
+            self.acknowledge(force=True)
+            self.close(P.END, "done")
+        except Exception:
+            state = "failed"
+            raise
+        finally:
+            if not self.closed:
+                self.close(P.CANCEL, state)
+
+    def upload(self):
+        """A detached job: send every input to the head's disk and the end of them; then the job runs alone."""
+        __tracebackhide__ = True
+        try:
+            while self.ended is None:
+                if time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
+                    raise errors.ClusterConnectionError(
+                        f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s while "
+                        "uploading the detached job's inputs")
+                self.fill()
+                for _ in self.receive():
+                    pass
+        except BaseException:
+            self.close(P.CANCEL, "failed")
+            raise
+        self.closed = True
+        self.conn.active.discard(self.id)
+        self.conn.release(self.sock)
+
+    def abandon(self):
+        if not self.closed:
+            self.close(P.CANCEL)
+
+
+class Reader(Stream):
+    """A process attached to a job it may not have started (burla.attach, Job.result): it reads the outbox from
+    the start, and the job's END entry (or the job's own end) says when it has everything."""
+
+    def __init__(self, conn, job_id, view, logs_only=False, reader=True):
+        super().__init__(conn, job_id, view)
+        self.logs_only, self.reader = logs_only, reader
+        self.info = None  # the latest ATTACHED
+        self.logs = []
+        self.attach(reader, logs_only)
+
+    def attach(self, reader=None, logs_only=None):
+        super().attach(self.reader if reader is None else reader, self.logs_only if logs_only is None else logs_only)
+
+    def on_attached(self, header):
+        super().on_attached(header)
+        self.info = header
+        self.return_exceptions = bool((header.get("o") or {}).get("c"))
+        if header.get("st") != "running" and self.ended is None:
+            self.ended = (header["st"], header.get("e"))
+        if self.reader and self.ended is None:
+            self.ended = ("read", None)  # a read is over at its ATTACHED
+
+    def leave(self):
+        """Stop reading (the job goes on): the socket is closed, so the broker stops sending to it."""
+        if not self.closed:
+            self.closed = True
+            self.conn.active.discard(self.id)
+            state = self.ended[0] if self.ended else "running"
+            self.view.close(state if state in ("done", "failed", "cancelled") else "running")
+            entry = self.conn.monitors.pop(self.sock, None)
+            if entry is not None:
+                entry[0].close(0)
+            self.sock.close(0)
+
+    def runs(self):
+        """(first index, values) runs until the job ends; then its state."""
+        __tracebackhide__ = True
+        while self.ended is None:
+            yield from self.receive()
+        self.acknowledge(force=True)
+        self.closed = True
+        self.conn.active.discard(self.id)
+        self.conn.release(self.sock)
+
 class Pending:
     """A batch sent and not yet complete: which of its n inputs have an outcome."""
 
-    __slots__ = ("n", "size", "left", "seen")
+    __slots__ = ("n", "size", "left", "seen", "batch")
 
     def __init__(self, n, size):
-        self.n, self.size, self.left, self.seen = n, size, n, None
+        self.n, self.size, self.left, self.seen, self.batch = n, size, n, None, None
 
     def take(self, offset, values):
         """Record outcomes for inputs offset.. and return the new ones as (offset, values) runs."""
@@ -414,7 +704,7 @@ def remote_exception(info, frames):
 def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None,
                         generator=False, spinner=True, retries=0, timeout=None, return_exceptions=False,
                         packages=None, image=None, dockerfile=None, api_key=None, cluster=None, parallelism=None,
-                        verbose=None):
+                        verbose=None, detach=False):
     """Call function_(x) for every x in inputs, in parallel on the cluster's workers.
 
     Returns the results as a list in input order, or with generator=True an iterator yielding them as they
@@ -432,6 +722,10 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     image / dockerfile: run the calls in this container image (or one built from this Dockerfile) on workers with
     a container runtime.
     cluster: "tcp://HOST:PORT", "local", or None for $BURLA_CLUSTER / ~/.burla/config.toml / the embedded cluster.
+    detach: upload every input to the cluster's head (its disk) and return a burla.Job at once; the job runs to
+    its end with no client, and burla.attach(job.id) picks it up from any process with the same API key.
+    A job that is not detached survives outages too: its client reconnects for up to $BURLA_JOB_LEASE seconds
+    (10 minutes) and gets every result exactly once.
     """
     __tracebackhide__ = True
     if not callable(function_):
@@ -469,6 +763,19 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     else:
         environment = env.for_job(packages)
 
+    if detach:
+        if generator:
+            raise ValueError("detach=True returns a burla.Job (its as_completed() is the generator): give one of them")
+        conn = connection(cluster, api_key)
+        if conn.local:
+            warnings.warn("detach=True on the embedded cluster: it stops when this process ends, and its jobs with "
+                          "it; point cluster= at a burla broker for jobs that outlive this process", stacklevel=2)
+        job = Job(conn, function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner, options,
+                  environment, detached=True)
+        job.upload()
+        from burla.job import Job as Handle
+
+        return Handle(job.id.hex(), conn=conn)
     job = Job(connection(cluster, api_key), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
               options, environment)
     if generator:
@@ -483,6 +790,23 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
             results.extend([None] * (end - len(results)))
         results[start:end] = values
     return results
+
+
+def request(conn, command, header, timeout=5.0):
+    """One question to the broker on a socket of its own; the answer's header."""
+    sock = conn.new_socket()
+    try:
+        P.send(sock, command, header)
+        deadline = time.monotonic() + timeout
+        while sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+            answer, h, _ = P.recv(sock)
+            if answer == command or answer == P.REJECTED:
+                return answer, h
+        if conn.refused:
+            raise errors.ClusterConnectionError(conn.refused)
+        raise errors.ClusterConnectionError(f"no answer from the burla broker at {conn.address} within {timeout:g} s")
+    finally:
+        sock.close(0)
 
 
 def cluster_state(address, timeout=3.0, api_key=None):

@@ -36,6 +36,14 @@ class JobCancelledError(BurlaError):
     """The job was cancelled from elsewhere: the JupyterLab panel, or another connection with the same API key."""
 
 
+class JobExpiredError(JobCancelledError):
+    """The job was cancelled because its client was away for longer than the job's lease (BURLA_JOB_LEASE)."""
+
+
+class JobNotFoundError(BurlaError, LookupError):
+    """The broker has no job with that id for this API key (never, another key's, or past its retention)."""
+
+
 class ClusterConnectionError(BurlaError, ConnectionError):
     """The broker could not be reached, or stopped answering during a job."""
 

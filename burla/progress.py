@@ -3,6 +3,7 @@ and a tqdm progress line (done/total, rate) on stderr when it is a terminal. In 
 the live widget of burla_jupyter.widget. Both take the same calls from the client:
 
     lines(slot, lines)  advance(n, slot, failed)  env(header)  total_known(total)  tick()  close(state)
+    job_id(hex)  reconnecting(bool)
 """
 
 import os
@@ -80,6 +81,16 @@ class TerminalView:
 
     def tick(self):
         pass
+
+    def job_id(self, job_id):
+        self.id = job_id
+
+    def reconnecting(self, on):
+        """The broker stopped answering (on), or answers again: said once each way, the job waits meanwhile."""
+        if on:
+            self.write("", f"burla: lost the broker; reconnecting (job {getattr(self, 'id', '?')} keeps running)\n")
+        else:
+            self.write("", "burla: reconnected\n")
 
     def close(self, state="done"):
         if self.bar is not None:

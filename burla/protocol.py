@@ -14,7 +14,7 @@ import struct
 import msgpack
 import zmq
 
-VERSION = b"B2"  # bumped whenever the wire changes: a peer of another version is told at once (VERSION_NOTICE)
+VERSION = b"B3"  # bumped whenever the wire changes: a peer of another version is told at once (VERSION_NOTICE)
 # Sent back to a peer whose message carries another protocol version: [b"", VERSION_NOTICE, {v, burla}], a form
 # every version after B1 understands, so a client or worker can say which versions meet and what to install.
 VERSION_NOTICE = b"burla-version"
@@ -24,10 +24,24 @@ SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, fn: frames of the
 #                cpu, ram, gpu, par, o: options, pa?: {j, s}: the job and slot of the call that submits it (nested),
 #                env?: {k: key, lock, py: interpreter} or {k: "img-...", img: container image, df?: Dockerfile}
 #                (see burla.env; absent: each worker's own environment)
+#                dt?: 1 = detached (the inputs are spooled on the head's disk and the job needs no client),
+#                ls?: the job's lease, seconds its client may be away before the job is cancelled,
+#                re?: 1 = the same job again, to a broker that lost it (restarted), rs: outcomes the client has,
+#                sl?: the slots the client was told (its window of batches in flight, which it resends)
 #                payload: [function frames, then the local packages zip's frames (when the env key has an archive)]
 # options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job}
 BATCH = b"B"  # {j, i, n, z: frame flags (see burla.serialize)}  payload: pickled inputs
-END = b"E"  # {j}: the client has every outcome; the broker forgets the job
+SEAL = b"N"  # {j, n}: the client has sent all n inputs (a detached job, or an attached one, is complete once every
+#              one has an outcome)
+ACK = b"a"  # {j, q}: the client holds every entry of the job's outbox up to q; the broker may let them go
+ATTACH = b"G"  # {j, c: client id, q: the last entry the client holds (0: none), sl?, p?: 1 = only read (do not
+#                become the job's client), lg?: 1 = only log lines}: the broker sends the entries after q, then
+#                ATTACHED. How a client picks its job up again: after an outage, a broker restart, or from another
+#                process (burla.attach)
+JOBS = b"J"  # {j?: one job} -> JOBS {jobs: [job records, see broker.scheduler.Scheduler.record]}
+END = b"E"  # client -> broker {j}: the client has every outcome; the broker forgets the job (a detached one is kept
+#             until its retention ends). broker -> client, the last entry of a detached job's outbox:
+#             {j, q, st: "done" | "failed" | "cancelled", e?: why}
 CANCEL = b"C"  # {j}
 STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...], recent: [...]}
 WATCH = b"O"  # {}: push STATE every WATCH_INTERVAL, and a copy of the LOG lines of the watcher's jobs, for the
@@ -38,9 +52,14 @@ ACCEPTED = b"A"  # {j, s: slots that fit the job}
 REJECTED = b"X"  # {j, e: message, t?: "env" when the job's environment could not be built, "cancelled" when
 #                  another connection of the same user cancelled it (a dashboard), "nested" when a nested job can
 #                  never get a slot, "credit" when the client sent past its window}
+ATTACHED = b"g"  # {j, st: state, n: inputs (when known), sealed, dt, done, failed, sent, have: [starts of the
+#                  batches the broker holds: the client resends its others], s: slots, o: options, started}
+SPOOLED = b"s"  # {j, n: inputs of a detached job safely on the head's disk, sealed?: 1 once all are}
 RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [errors], f: 1 on a batch's last,
 #                 t: seconds computing, w: slot, z}  payload: results, then one pickled exception per error
+#                 To a client the broker adds q: the entry's number in the job's outbox, n: the batch's inputs
 LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text], ...], x?: lines dropped before these}
+#             (q to a client)
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid, env: its own environment's key,
 #                  ctr: container runtime it can run images with, None, or "?" while it finds out}
@@ -73,12 +92,13 @@ NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, bytes) and le
 
 # What each authenticated role may send: a worker cannot submit jobs, a client cannot post results or logs, an
 # executor ("slot:<its name>") speaks only for its own slot.
-CLIENT_COMMANDS = {SUBMIT, BATCH, END, CANCEL, STATUS, WATCH, HEARTBEAT}
+CLIENT_COMMANDS = {SUBMIT, BATCH, SEAL, ACK, ATTACH, JOBS, END, CANCEL, STATUS, WATCH, HEARTBEAT}
 WORKER_COMMANDS = {REGISTER, SLOT_KEY, SLOT_DIED, ENV, HEARTBEAT}
 SLOT_COMMANDS = {READY, RESULT, LOG, HEARTBEAT}
 
 HEARTBEAT_INTERVAL = float(os.environ.get("BURLA_HEARTBEAT_INTERVAL", "1.0"))
 HEARTBEAT_LIVENESS = 3  # intervals of silence before a peer is dead
+JOB_LEASE = 600.0  # seconds a job's client may be away (an outage, a closed lid) before its job is cancelled
 WATCH_INTERVAL = 0.25  # seconds between STATE pushes to watchers
 WATCH_EXPIRY = 10.0  # a watcher renews every second; a busy one (a Jupyter server under load) may be late
 
@@ -188,9 +208,15 @@ SCHEMAS = {  # command -> (fields, required)
               "o": optional(record({"r": integer(0, 1000), "t": number(0, 1e9, above=True), "c": FLAG})),
               "pa": record({"j": JOB_ID, "s": SLOT}, ("j", "s")),
               "env": optional(record({"k": text(64, ENV_KEY), "lock": text(1 << 20), "py": text(256),
-                                      "img": text(1024), "df": text(1 << 18)}, ("k",)))},
+                                      "img": text(1024), "df": text(1 << 18)}, ("k",))),
+              "dt": FLAG, "ls": number(1, 30 * 86400), "re": FLAG, "rs": INDEX, "sl": integer(0, 1 << 20)},
              ("j", "d")),
     BATCH: ({"j": JOB_ID, "i": INDEX, "n": integer(1, MAX_BATCH_ITEMS), "z": FLAGS}, ("j", "i", "n", "z")),
+    SEAL: ({"j": JOB_ID, "n": INDEX}, ("j", "n")),
+    ACK: ({"j": JOB_ID, "q": INDEX}, ("j", "q")),
+    ATTACH: ({"j": JOB_ID, "c": binary(most=16), "q": INDEX, "sl": integer(0, 1 << 20), "p": FLAG, "lg": FLAG},
+             ("j", "q")),
+    JOBS: ({"j": JOB_ID}, ()),
     END: ({"j": JOB_ID}, ("j",)),
     CANCEL: ({"j": JOB_ID}, ("j",)),
     STATUS: ({}, ()),

@@ -51,6 +51,8 @@ class JobWidget:
         self.rendered, self.dirty = 0.0, True
         self.logs_changed = set()  # workers whose log tab needs drawing again (None: the "all" tab)
         self.title = title
+        self.id = None  # the job's id: burla.attach(id) picks it up again, after a kernel restart too
+        self.away = False  # the broker does not answer: the job goes on, and we reconnect
         self.header = widgets.HTML()
         self.bar = widgets.IntProgress(min=0, max=max(total or 1, 1), value=0, bar_style="info",
                                        layout=widgets.Layout(width="100%"))
@@ -112,6 +114,14 @@ class JobWidget:
         self.total = total
         self.changed()
 
+    def job_id(self, job_id):
+        self.id = job_id
+        self.changed()
+
+    def reconnecting(self, on):
+        self.away = on
+        self.render()
+
     def tick(self):
         if time.monotonic() - self.rendered >= 1.0:  # elapsed time and ETA move on even when nothing arrives
             self.dirty = True
@@ -133,7 +143,10 @@ class JobWidget:
         self.rendered, self.dirty = time.monotonic(), False
         style, word = STATES[self.state]
         elapsed = time.monotonic() - self.started
-        self.header.value = f"<b>{html.escape(self.title)}</b> &middot; {word} &middot; {elapsed:.1f} s"
+        if self.away and self.state == "running":
+            word = "reconnecting"
+        job = f" &middot; job <code>{self.id}</code>" if self.id else ""
+        self.header.value = f"<b>{html.escape(self.title)}</b> &middot; {word} &middot; {elapsed:.1f} s{job}"
         self.bar.bar_style = style
         self.bar.max = max(self.total or self.done or 1, 1)
         self.bar.value = min(self.done, self.bar.max)

@@ -72,15 +72,17 @@ def test_call_that_kills_its_executor_fails_with_worker_died(cluster):
     assert remote_parallel_map(abs, [-3], cluster=cluster.address, spinner=False) == [3]
 
 
-def test_broker_death_raises_instead_of_hanging_and_workers_rejoin_a_new_one(new_cluster):
+def test_broker_gone_past_the_lease_raises_instead_of_hanging_and_workers_rejoin_a_new_one(new_cluster, monkeypatch):
+    """A client waits for a lost broker for the job's lease (BURLA_JOB_LEASE), then raises."""
     c = new_cluster
     c.start_worker("w", 2)
     c.wait_for(1)
+    monkeypatch.setenv("BURLA_JOB_LEASE", "2")
     killer = kill_later(0.5, [c.procs["broker"].pid])
     start = time.monotonic()
-    with pytest.raises(burla.ClusterConnectionError, match="no word from the burla broker"):
+    with pytest.raises(burla.ClusterConnectionError, match="longer than the job's lease"):
         remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False)
-    assert time.monotonic() - start < 8
+    assert time.monotonic() - start < 10
     print(f"broker killed: the client raised after {time.monotonic() - start - 0.5:.2f} s")
     killer.join()
     c.procs.pop("broker").wait()
@@ -117,9 +119,10 @@ def test_executors_die_with_their_worker_even_mid_call(new_cluster):
         client.wait()
 
 
-def test_a_job_the_restarted_broker_does_not_have_fails_instead_of_waiting(new_cluster):
+def test_a_job_the_restarted_broker_does_not_have_is_submitted_again(new_cluster):
     """A broker restarted at once answers heartbeats again, so silence is never seen; its heartbeat answers list
-    the client's jobs, and a job missing from them ends with ClusterConnectionError instead of waiting for ever."""
+    the client's jobs, and the client submits a job missing from them again, with the batches that have no
+    outcome: the job ends with every result, once each."""
     c = new_cluster
     c.start_worker("w", 2)
     c.wait_for(1)
@@ -132,7 +135,6 @@ def test_a_job_the_restarted_broker_does_not_have_fails_instead_of_waiting(new_c
     restarter = threading.Thread(target=restart)
     restarter.start()
     start = time.monotonic()
-    with pytest.raises(burla.ClusterConnectionError, match="no longer has this job"):
-        remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False)
+    assert remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False) == list(range(100))
     restarter.join()
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 30
