@@ -465,7 +465,7 @@ class Scheduler:
                   "done": job.done, "failed": job.failed, "sent": job.sent, "have": sorted(job.held)[:20_000],
                   "s": self.told(job) if job.state == "running" else 0, "o": job.options, "started": job.started,
                   "e": job.reason}
-        reader = bool(h.get("p") or h.get("lg"))
+        reader = bool(h.get("p") or h.get("lg")) or job.state != "running"  # (a read ends at its ATTACHED)
         cursor = Cursor(ident, min(h["q"], job.outbox.next - 1), job.outbox.next - 1, marker, bool(h.get("lg")),
                         reader)
         if not reader and job.state == "running":
@@ -524,7 +524,7 @@ class Scheduler:
 
     def reject(self, job, kind, message, state="failed"):
         """End a job with an error its client is told: now, or when it attaches again."""
-        if job.client is not None and not job.detached:
+        if job.client is not None:
             self.send(job.client, P.REJECTED, {"j": job.id, "t": kind, "e": message}, keep=True)
         self.drop_job(job.id, state, message, kind)
 
@@ -552,7 +552,10 @@ class Scheduler:
         self.spooled.pop(job_id, None)
         self.remember(job, kind)
         if job.detached:
-            job.outbox.append(P.END, {"j": job.id, "st": state, "e": reason})
+            try:
+                job.outbox.append(P.END, {"j": job.id, "st": state, "e": reason})
+            except Full as e:  # (an attach is told how it ended all the same: from self.ended, by ATTACHED)
+                log.warning("job %s: its end could not be stored: %s", job.id.hex(), e)
             self.finished[job.id] = job
             self.pump(job)
         else:
@@ -997,7 +1000,7 @@ class Scheduler:
         self.end_stuck_nested()
         if now >= self.next_sweep:
             self.sweep()
-            self.next_sweep = now + 10.0
+            self.next_sweep = now + min(10.0, self.retention / 4)
         if self.dirty:
             self.dispatch()
 

@@ -61,6 +61,8 @@ class Store:
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
             self.db.executescript(SCHEMA)
+            for path in self.folder.iterdir():  # (private like the keys beside it: inputs and results are users')
+                os.chmod(path, 0o600)
             self.bytes = sum(self.db.execute(
                 f"SELECT COALESCE(SUM(LENGTH({col})), 0) FROM {table}").fetchone()[0]
                 for table, col in (("inputs", "frames"), ("outbox", "frames"), ("jobs", "function")))

@@ -322,7 +322,7 @@ class Stream:
             raise errors.JobCancelledError(message)
         if kind == "unknown":
             raise errors.JobNotFoundError(message)
-        if kind in ("credit", "spool", "store", "nested", "failed", "done", "sealed"):
+        if kind in ("credit", "spool", "store", "failed", "done", "sealed"):
             raise errors.BurlaError(message)
         raise errors.NoCompatibleWorkerError(message)
 
@@ -579,9 +579,10 @@ class Reader(Stream):
     """A process attached to a job it may not have started (burla.attach, Job.result): it reads the outbox from
     the start, and the job's END entry (or the job's own end) says when it has everything."""
 
-    def __init__(self, conn, job_id, view, logs_only=False, reader=True):
+    def __init__(self, conn, job_id, view, logs_only=False, reader=True, after=0):
         super().__init__(conn, job_id, view)
         self.logs_only, self.reader = logs_only, reader
+        self.q = after  # (entries up to this one are not wanted)
         self.info = None  # the latest ATTACHED
         self.logs = []
         self.attach(reader, logs_only)

@@ -67,6 +67,10 @@ class Job:
 
         return client.Reader(self._conn, bytes.fromhex(self.id), create_view(spinner, total), reader=False)
 
+    @property
+    def cluster(self):
+        return self._conn.address
+
     def as_completed(self, spinner=False):
         """The results as they complete (a detached job's from the start, then the rest as they come); a failed
         call raises here as in remote_parallel_map, unless the job was submitted with return_exceptions."""
@@ -124,17 +128,32 @@ class Job:
             except StopIteration:
                 return
 
-    def logs(self):
-        """Every log line the head keeps for the job: LogLine(input, worker, stream, text), in order."""
+    def logs(self, follow=False):
+        """Every log line the head keeps for the job: LogLine(input, worker, stream, text), in order. With
+        follow=True, a generator of them that goes on until the job ends."""
+        if follow:
+            return self._follow()
+        return self._read_logs(0)[0]
+
+    def _read_logs(self, after):
         from burla import client
 
-        stream = client.Reader(self._conn, bytes.fromhex(self.id), create_view(False, None), logs_only=True)
+        stream = client.Reader(self._conn, bytes.fromhex(self.id), create_view(None, None), logs_only=True,
+                               after=after)
         for _ in stream.runs():
             pass
-        if stream.info is None and stream.ended[0] != "read":
-            raise errors.JobNotFoundError(f"the broker has no job {self.id} for this API key")
         names = {1: "stdout", 2: "stderr"}
-        return [LogLine(i, w, names.get(s, str(s)), text) for i, w, s, text in stream.logs]
+        state = stream.info["st"] if stream.info else stream.ended[0]
+        return [LogLine(i, w, names.get(s, str(s)), text) for i, w, s, text in stream.logs], stream.q, state
+
+    def _follow(self, interval=0.5):
+        after = 0
+        while True:
+            lines, after, state = self._read_logs(after)
+            yield from lines
+            if state != "running":
+                return
+            time.sleep(interval)
 
     def cancel(self):
         """Stop the job: queued inputs are dropped and running calls stopped. Its outcomes so far stay readable."""

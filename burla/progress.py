@@ -11,6 +11,8 @@ import sys
 
 
 def create(spinner, total):
+    if spinner is None:
+        return Silent()
     if spinner and in_kernel():
         try:
             from burla_jupyter.widget import JobWidget
@@ -95,3 +97,10 @@ class TerminalView:
     def close(self, state="done"):
         if self.bar is not None:
             self.bar.close()
+
+
+class Silent:
+    """Shows nothing (reading a job's logs, say)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

@@ -312,7 +312,7 @@ def test_a_client_of_another_version_is_told_at_once(secure, run_script):
         print(round(time.monotonic() - start, 1))
     """, env=dict(secure.env))
     out = proc.stdout
-    assert "ClusterConnectionError" in out and "B2" in out and "pip install 'burla==" in out, proc.stderr
+    assert "ClusterConnectionError" in out and P.VERSION.decode() in out and "pip install 'burla==" in out, proc.stderr
     assert float(out.split()[-1]) < 3
 
 

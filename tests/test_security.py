@@ -74,7 +74,8 @@ def test_jobs_run_with_the_api_key_and_keys_are_private(secure):
     assert remote_parallel_map(lambda x: x + 1, range(10), cluster=secure.address, api_key=secure.api_key,
                                spinner=False) == list(range(1, 11))
     assert oct(secure.state.stat().st_mode & 0o777) == "0o700"
-    assert all(oct(f.stat().st_mode & 0o777) == "0o600" for f in secure.state.iterdir())
+    for path in secure.state.rglob("*"):  # keys, and the jobs' store
+        assert oct(path.stat().st_mode & 0o777) == ("0o700" if path.is_dir() else "0o600"), path
 
 
 def test_wrong_or_missing_key_is_refused_without_hanging(secure):
