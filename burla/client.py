@@ -161,6 +161,7 @@ def job_lease():
 ACK_INTERVAL = 0.2  # seconds between acknowledgements of what arrived (also sent when much has arrived)
 ACK_BYTES = 8 << 20
 ATTACH_RETRY = 2.0  # seconds between ATTACHes while the broker does not answer one
+LEASE_GRACE = max(10.0, 3 * SILENCE_LIMIT)  # past the lease, how long a client waits to hear it from the broker
 
 
 class Stream:
@@ -258,7 +259,7 @@ class Stream:
             if self.away_since is None:
                 self.away_since = max(self.heard, self.conn.heard)
                 self.view.reconnecting(True)
-            if now - self.away_since > self.lease:
+            if now - self.away_since > self.lease + LEASE_GRACE:  # (the broker would tell us, were it there)
                 raise errors.ClusterConnectionError(
                     f"no word from the burla broker at {self.conn.address} for {now - self.away_since:.0f} s, "
                     f"longer than the job's lease ({self.lease:g} s, BURLA_JOB_LEASE): the job is cancelled")

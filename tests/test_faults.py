@@ -82,7 +82,7 @@ def test_broker_gone_past_the_lease_raises_instead_of_hanging_and_workers_rejoin
     start = time.monotonic()
     with pytest.raises(burla.ClusterConnectionError, match="longer than the job's lease"):
         remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 25  # (the lease, and a grace to hear from a broker that comes back)
     print(f"broker killed: the client raised after {time.monotonic() - start - 0.5:.2f} s")
     killer.join()
     c.procs.pop("broker").wait()
