@@ -446,13 +446,16 @@ class Scheduler:
         self.check_complete(job)
 
     def check_complete(self, job):
-        """A detached job with every outcome in ends by itself (an attached one when its client says so)."""
-        if job.detached and job.remaining() == 0 and self.jobs.get(job.id) is job:
+        """A job with every outcome in ends by itself when it is detached, or was taken over by another process
+        (its own client says END when it has everything)."""
+        if (job.detached or job.client_id != job.header.get("c")) and job.remaining() == 0 and \
+                self.jobs.get(job.id) is job:
             self.drop_job(job.id, "done")
 
     def on_ack(self, ident, h, payload, role=None):
         job = self.jobs.get(h["j"]) or self.finished.get(h["j"])
-        if job is not None and job.owner == role:
+        # (only the job's client lets entries go: a process that follows the job must not take them from it)
+        if job is not None and job.owner == role and (job.detached or ident == job.client):
             job.outbox.ack(h["q"])
 
     def on_attach(self, ident, h, payload, role=None):
@@ -468,14 +471,21 @@ class Scheduler:
         reader = bool(h.get("p") or h.get("lg")) or job.state != "running"  # (a read ends at its ATTACHED)
         cursor = Cursor(ident, min(h["q"], job.outbox.next - 1), job.outbox.next - 1, marker, bool(h.get("lg")),
                         reader)
-        if not reader and job.state == "running":
-            job.cursors = [c for c in job.cursors if c.reader]
+        # The job's client again (after a break), or a process taking over a job whose client is away: it becomes
+        # the job's client. Anyone else follows the job (a detached job's readers all do) without taking it.
+        takeover = not reader and job.state == "running" and not job.detached and (
+            job.client is None or job.away is not None or h.get("c") == job.client_id)
+        if takeover:
+            if h.get("c") != job.client_id and not job.sealed:  # its inputs will never come now
+                job.sealed, job.total = True, job.sent
+            job.cursors = [c for c in job.cursors if c.ident != job.client]
             job.cursors.insert(0, cursor)
             job.client, job.client_id = ident, h.get("c", job.client_id)
             job.told = max(job.told, min(h.get("sl", 0), 100_000))
             if job.client_id:
                 self.clients[job.client_id] = time.monotonic()
             self.back(job)
+            self.check_complete(job)
         else:
             job.cursors.append(cursor)
         self.pump(job)
@@ -560,6 +570,9 @@ class Scheduler:
             self.pump(job)
         else:
             self.recent.appendleft(dict(job.record(), owner=job.owner))
+            for cursor in job.cursors:  # (followers, and a client that did not end it itself, hear how it ended)
+                if state != "done" or cursor.ident != job.client or job.client_id != job.header.get("c"):
+                    self.offer(cursor.ident, P.END, {"j": job.id, "st": state, "e": reason}, ())
         if job.stored:
             try:
                 self.store.update_job(job.id, state=state, reason=reason, finished=job.finished,

@@ -612,10 +612,12 @@ class Reader(Stream):
                 entry[0].close(0)
             self.sock.close(0)
 
-    def runs(self):
-        """(first index, values) runs until the job ends; then its state."""
+    def runs(self, deadline=None):
+        """(first index, values) runs until the job ends (TimeoutError past the deadline, a monotonic time)."""
         __tracebackhide__ = True
         while self.ended is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("the job is still running (job.status() says how far it is)")
             yield from self.receive()
         self.acknowledge(force=True)
         self.closed = True

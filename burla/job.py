@@ -96,7 +96,7 @@ class Job:
         stream = self._stream(spinner)
         results, filled = {}, 0
         try:
-            for start, values in self._runs(stream, deadline):
+            for start, values in stream.runs(deadline):
                 for k, value in enumerate(values):
                     results[start + k] = value
                 filled += len(values)
@@ -115,18 +115,6 @@ class Job:
                 "process that submitted it without detach=True received them")
         self._results = [results[i] for i in range(total)]
         return list(self._results)
-
-    @staticmethod
-    def _runs(stream, deadline):
-        __tracebackhide__ = True
-        runs = stream.runs()
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("the job is still running (job.status() says how far it is)")
-            try:
-                yield next(runs)
-            except StopIteration:
-                return
 
     def logs(self, follow=False):
         """Every log line the head keeps for the job: LogLine(input, worker, stream, text), in order. With
