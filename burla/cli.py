@@ -1,6 +1,8 @@
-"""The burla command: burla broker | worker | login | status | cluster up/down/status."""
+"""The burla command: burla broker | worker | login | status | jobs list/show/logs/attach/results/cancel |
+cluster up/down/status."""
 
 import argparse
+import re
 import sys
 
 
@@ -61,6 +63,8 @@ def main(argv=None):
     p.add_argument("--cluster", help="broker address (default: $BURLA_CLUSTER or ~/.burla/config.toml)")
     p.add_argument("--api-key", help="API key (default: $BURLA_API_KEY or ~/.burla/config.toml)")
     p.add_argument("--json", action="store_true", help="print the raw state as JSON")
+
+    add_jobs_parser(sub)
 
     p = sub.add_parser("cluster", help="a cluster of VMs on Google Compute Engine")
     csub = p.add_subparsers(dest="action", required=True)
@@ -132,6 +136,8 @@ def main(argv=None):
         print(f"saved to {config.save(cluster=args.cluster, api_key=args.api_key)}")
     elif args.command == "status":
         return status(args)
+    elif args.command == "jobs":
+        return jobs(args)
     elif args.command == "cluster":
         return cluster(args, parser)
 
@@ -195,6 +201,358 @@ def status(args):
         print(f"  job {j['id']}  done {j['done']}/{j['submitted']}  queued {j['queued']}  "
               f"slots {j['slots']}  {j['elapsed']:.1f} s")
     return 0
+
+
+JOBS_EXIT = """\
+exit status: 0 success; 1 the job failed or was cancelled, no such job for this API key, or the broker could not
+be reached; 2 a usage error (a malformed id, no cluster configured); 130 interrupted (the job goes on)."""
+
+JOBS_HELP = """\
+A job's id is the 16 hexadecimal digits that job.id, `burla jobs list` and `burla status` show. Only the API key
+that submitted a job sees it. A detached job (remote_parallel_map(..., detach=True)) runs with no client, and its
+results and log lines stay on the cluster's head until its retention ends, so any process with the key can
+follow it, fetch its results or cancel it.
+
+""" + JOBS_EXIT
+
+JOB_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def add_jobs_parser(sub):
+    """`burla jobs ACTION ...`: the command-line face of burla.jobs / burla.Job."""
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("jobs", help="list, follow, fetch the results of and cancel this API key's jobs",
+                       description="List, follow, fetch the results of and cancel this API key's jobs.\n\n" + JOBS_HELP,
+                       formatter_class=raw)
+    jsub = p.add_subparsers(dest="jobs_action", required=True, metavar="ACTION")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--cluster", help="broker address (default: $BURLA_CLUSTER or ~/.burla/config.toml)")
+    where.add_argument("--api-key", help="API key (default: $BURLA_API_KEY or ~/.burla/config.toml)")
+
+    def action(name, help, description, json_help, with_id=True):
+        a = jsub.add_parser(name, parents=[where], help=help, description=description + "\n\n" + JOBS_EXIT,
+                            formatter_class=raw)
+        if with_id:
+            a.add_argument("id", metavar="ID", help="the job's id (16 hexadecimal digits)")
+        a.add_argument("--json", action="store_true", help=" ".join(json_help.split()))
+        return a
+
+    action("list", "this API key's jobs: running, detached, recently ended (newest first)",
+           "A table of this API key's jobs, newest first: id, state (running, done, failed, cancelled), calls done\n"
+           "of the inputs (? while inputs still arrive), calls failed, time since it started (to its end, once it\n"
+           "ended), whether it is detached, and why it ended when not done.",
+           "a JSON list of objects with the fields id, state, done, total, failed, started (Unix time), elapsed\n"
+           "(seconds), detached and reason", with_id=False)
+    action("show", "one job's status",
+           "One job's status as `key: value` lines.",
+           "a JSON object with the fields id, state, done, total, failed, started, elapsed, detached, reason")
+    a = action("logs", "the lines a job's calls printed",
+               "The lines the job's calls printed, in the order the head received them, all on stdout as\n"
+               "    [input N] [WORKER/SLOT] TEXT\n"
+               "A line the call wrote to its stderr starts with '! ' (so `grep -v '^!'` keeps its stdout only);\n"
+               "a line of no one call's shows [job] in place of [input N].",
+               "one JSON object a line, with the fields input (-1: no one call's), worker, stream (stdout or\n"
+               "stderr) and text")
+    a.add_argument("-f", "--follow", action="store_true", help="go on printing new lines until the job ends")
+    action("attach", "follow a job live until it ends, then summarize it",
+           "Follow the job live: the output of its calls streams to stdout and stderr as they print it (from its\n"
+           "start), with a progress bar on stderr when that is a terminal. When the job ends, a summary line;\n"
+           "if the job failed or was cancelled, its error on stderr. Exits 0 if the job ended done, 1 if not.\n"
+           "Ctrl-C stops following; the job goes on. A job not submitted with detach=True sends its results and\n"
+           "its calls' output to the process that submitted it: attach then shows its progress and its end.",
+           "the calls' stdout goes to stderr, and the end prints one JSON object: the job's status fields, ok\n"
+           "(true if it ended done) and error (null or the error's text)")
+    a = action("results", "wait for a job's results and print them",
+               "Wait until every input of the job has its outcome, then print the results in input order, one\n"
+               "repr() a line. Exits 1, with the error on stderr, if a call raised (as remote_parallel_map would\n"
+               "raise it), or the job failed or was cancelled. The calls' output is not shown (see `logs`).\n"
+               "Only a detached job (detach=True) keeps its results on the head.",
+               "print the results as one JSON list (fails if a result is not JSON-serialisable: use --out)")
+    a.add_argument("--out", metavar="FILE",
+                   help="write the list of results to FILE as a pickle (cloudpickle; read it with pickle.load) and "
+                        "print how many were written")
+    action("cancel", "cancel a job: queued inputs are dropped, running calls stopped",
+           "Cancel the job: its queued inputs are dropped and its running calls stopped; the outcomes it has so\n"
+           "far stay readable. Prints the job's state after it (a job that had already ended is left as it is).",
+           "print the job's status after the cancel as a JSON object (plus was_running: whether it was running)")
+
+
+def jobs(args):
+    import os
+
+    from burla import client, config, errors
+
+    def fail(message, code=1):
+        print(f"burla jobs {args.jobs_action}: {message}", file=sys.stderr)
+        return code
+
+    try:
+        address = config.cluster_address(args.cluster)
+    except ValueError as e:
+        return fail(e, 2)
+    if address == "local":
+        return fail("no cluster configured (the embedded cluster lives only inside a running program); pass "
+                    "--cluster tcp://HOST:PORT or set BURLA_CLUSTER", 2)
+    job_id = getattr(args, "id", None)
+    if job_id is not None:
+        job_id = job_id.strip().lower()
+        if not JOB_ID.fullmatch(job_id):
+            return fail(f"{args.id!r} is not a job id (16 hexadecimal digits, as `burla jobs list` shows)", 2)
+    try:
+        client.connection(address, args.api_key)  # a malformed API key fails here
+    except ValueError as e:
+        return fail(f"--api-key: {e}" if args.api_key else e, 2)
+    try:
+        try:
+            return JOB_ACTIONS[args.jobs_action](args, address, job_id)
+        except errors.JobNotFoundError:
+            return fail(f"no job {job_id} for this API key")
+        except errors.ClusterConnectionError as e:
+            return fail(e)
+        except KeyboardInterrupt:
+            return fail(f"interrupted{f' (job {job_id} goes on)' if job_id else ''}", 130)
+        finally:
+            sys.stdout.flush()
+    except BrokenPipeError:  # (`burla jobs logs ID | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _handle(job_id, address, api_key):
+    import burla
+
+    return burla.attach(job_id, address, api_key)  # (JobNotFoundError if the broker has no such job for this key)
+
+
+def _seconds(s):
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _done_of(st):
+    return f"{st.done}/{'?' if st.total is None else st.total}"
+
+
+def _status_json(st, **extra):
+    return dict(st._asdict(), **extra)
+
+
+def jobs_list(args, address, _):
+    import json
+
+    import burla
+
+    rows = burla.jobs(address, args.api_key)
+    if args.json:
+        print(json.dumps([_status_json(st) for st in rows], indent=2))
+        return 0
+    if not rows:
+        print("no jobs")
+        return 0
+    table = [("ID", "STATE", "DONE/TOTAL", "FAILED", "ELAPSED", "DETACHED", "REASON")]
+    for st in rows:
+        reason = " ".join((st.reason or "-").split())
+        table.append((st.id, st.state, _done_of(st), str(st.failed), _seconds(st.elapsed),
+                      "yes" if st.detached else "no", reason if len(reason) <= 50 else reason[:49] + "…"))
+    widths = [max(len(row[k]) for row in table) for k in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def jobs_show(args, address, job_id):
+    import json
+    import time
+
+    st = _handle(job_id, address, args.api_key).status()
+    if args.json:
+        print(json.dumps(_status_json(st), indent=2))
+        return 0
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.started))
+    for key, value in (("id", st.id), ("state", st.state), ("done", st.done),
+                       ("total", "? (inputs still arriving)" if st.total is None else st.total),
+                       ("failed", st.failed), ("started", started), ("elapsed", f"{st.elapsed:.1f} s"),
+                       ("detached", "yes" if st.detached else "no"), ("reason", st.reason or "-")):
+        print(f"{key}: {value}")
+    return 0
+
+
+def jobs_logs(args, address, job_id):
+    import json
+
+    job = _handle(job_id, address, args.api_key)
+    for line in job.logs(follow=args.follow):
+        if args.json:
+            print(json.dumps(line._asdict()), flush=args.follow)
+        else:
+            where = "[job]" if line.input < 0 else f"[input {line.input}]"
+            mark = "! " if line.stream == "stderr" else ""
+            print(f"{mark}{where} [{line.worker}] {line.text}", flush=args.follow)
+    return 0
+
+
+def _job_error(e):
+    """A failed result()'s error as text: the remote call's exception with its traceback, or burla's message."""
+    from burla import errors
+
+    if isinstance(e, errors.JobCancelledError) and str(e) in ("", "cancelled", "the job was cancelled"):
+        return "the job was cancelled"
+    text = f"{type(e).__name__}: {e}"
+    index = getattr(e, "burla_input_index", None)
+    if index is not None:
+        text = f"the call on input {index} raised {text}"
+        cause = e.__cause__
+        if isinstance(cause, errors.RemoteTraceback):
+            text += "\n" + str(cause).rstrip("\n")
+    return text
+
+
+def jobs_attach(args, address, job_id):
+    import contextlib
+    import json
+    import time
+
+    from burla import errors
+
+    job = _handle(job_id, address, args.api_key)
+    st = job.status()
+    print(f"burla: attached to job {job_id} ({st.state}, {_done_of(st)} done, {st.failed} failed)", file=sys.stderr,
+          flush=True)
+    error = None
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        if st.detached:
+            try:
+                job.result(spinner=True)
+            except (errors.ClusterConnectionError, errors.JobNotFoundError):
+                raise
+            except Exception as e:  # a call's own exception, or the job's end (failed, cancelled)
+                error = _job_error(e)
+        else:
+            _watch(job, st)
+        sys.stdout.flush()
+    st = job.status()
+    deadline = time.monotonic() + 5
+    while error is not None and st.state == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)  # (a failed call ends its job: the broker may not have said so yet)
+        st = job.status()
+    ok = error is None and st.state == "done"
+    if error is None and not ok:
+        error = st.reason or f"the job ended {st.state}"
+    if args.json:
+        print(json.dumps(_status_json(st, ok=ok, error=error), indent=2))
+    else:
+        print(f"job {job_id} {st.state}: {_done_of(st)} done, {st.failed} failed, {_seconds(st.elapsed)}")
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _watch(job, st):
+    """A job that is not detached sends its results and its calls' output to the process that submitted it (the
+    head does not keep them): only watch its progress until it ends; reading its results here would take the job
+    over from that process."""
+    import time
+
+    from burla.progress import create
+
+    view = create(True, st.total)
+    shown = 0
+    try:
+        while True:
+            if st.total is not None:
+                view.total_known(st.total)
+            if st.done > shown:
+                view.advance(st.done - shown)
+                shown = st.done
+            if st.state != "running":
+                return
+            time.sleep(0.5)
+            st = job.status()
+    finally:
+        view.close(st.state)
+
+
+def jobs_results(args, address, job_id):
+    import contextlib
+    import json
+    import os
+
+    from burla import errors
+
+    job = _handle(job_id, address, args.api_key)
+    if not job.status().detached:
+        print(f"burla jobs results: job {job_id} was not submitted with detach=True: its results go to the process "
+              "that submitted it, not to the head (`burla jobs attach` follows it)", file=sys.stderr)
+        return 1
+    try:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                contextlib.redirect_stderr(devnull):  # (the calls' output, replayed: `logs` shows it)
+            results = job.result(spinner=None)
+    except (errors.ClusterConnectionError, errors.JobNotFoundError):
+        raise
+    except Exception as e:
+        print(f"burla jobs results: job {job_id} has no complete results: {_job_error(e)}", file=sys.stderr)
+        return 1
+    if args.out:
+        try:
+            import cloudpickle as pickler
+        except ImportError:
+            import pickle as pickler
+        try:
+            with open(args.out, "wb") as f:
+                pickler.dump(results, f)
+        except (OSError, pickler.PicklingError, TypeError, AttributeError) as e:
+            print(f"burla jobs results: could not write {args.out}: {e}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps({"id": job_id, "written": len(results), "out": args.out}))
+        else:
+            print(f"wrote {len(results)} results of job {job_id} to {args.out}")
+        return 0
+    if args.json:
+        for k, value in enumerate(results):
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                print(f"burla jobs results: the result of input {k} is not JSON-serialisable ({e}); "
+                      f"use --out FILE for a pickle", file=sys.stderr)
+                return 1
+        print(json.dumps(results))
+        return 0
+    for value in results:
+        print(repr(value))
+    return 0
+
+
+def jobs_cancel(args, address, job_id):
+    import json
+
+    from burla import errors
+
+    job = _handle(job_id, address, args.api_key)
+    was_running = job.status().state == "running"
+    if was_running:
+        try:
+            job.cancel()
+        except (errors.ClusterConnectionError, errors.JobNotFoundError):
+            raise
+        except Exception as e:  # (BurlaError: it did not stop in time)
+            print(f"burla jobs cancel: {e}", file=sys.stderr)
+            return 1
+    st = job.status()
+    if args.json:
+        print(json.dumps(_status_json(st, was_running=was_running), indent=2))
+    else:
+        already = "" if was_running else " (it had already ended)"
+        print(f"job {job_id} {st.state}{already}: {_done_of(st)} done, {st.failed} failed")
+    return 0
+
+
+JOB_ACTIONS = {"list": jobs_list, "show": jobs_show, "logs": jobs_logs, "attach": jobs_attach,
+               "results": jobs_results, "cancel": jobs_cancel}
 
 
 def cluster(args, parser):
