@@ -27,6 +27,7 @@ JOBS_PER_OWNER = 256
 OWNER_BYTES_MAX = 1 << 30
 ONE_MESSAGE_MAX = 1 << 30
 DETACHED_BATCHES = 1 << 20  # batches one detached job may spool
+READERS_PER_JOB = 64  # connections reading one job's outbox at once
 STATE_WORKERS = 1000  # workers listed in a STATUS or STATE (the busiest); the others are counted
 ENDED_KEPT = 100_000  # ended jobs remembered (to tell a client that comes back how its job ended)
 RETENTION = 7 * 86400.0
@@ -469,6 +470,10 @@ class Scheduler:
                   "s": self.told(job) if job.state == "running" else 0, "o": job.options, "started": job.started,
                   "e": job.reason}
         reader = bool(h.get("p") or h.get("lg")) or job.state != "running"  # (a read ends at its ATTACHED)
+        if len(job.cursors) >= READERS_PER_JOB:
+            self.send(ident, P.REJECTED, {"j": job.id, "t": "credit", "e": (
+                f"the job has {READERS_PER_JOB} readers already: try again when one is done")}, keep=True)
+            return
         cursor = Cursor(ident, min(h["q"], job.outbox.next - 1), job.outbox.next - 1, marker, bool(h.get("lg")),
                         reader)
         # The job's client again (after a break), or a process taking over a job whose client is away: it becomes

@@ -399,3 +399,31 @@ def test_a_job_limited_to_one_slot_leaves_the_others_to_other_users(secure):
     assert time.monotonic() - start < 2.5  # not after the other user's 3.6 s job
     thread.join(30)
     assert done == [list(range(12))]
+
+
+# 19. another user's key asks for a detached job: to it the job does not exist, and it can neither read, follow,
+# list nor cancel it; a flood of readers on one job is bounded
+def test_another_key_cannot_see_attach_to_or_cancel_a_detached_job(secure):
+    job = remote_parallel_map(time.sleep, [0.5] * 4, cluster=secure.address, api_key=secure.api_key,
+                              detach=True)
+    mine = dict(cluster=secure.address, api_key=secure.api_key)
+    theirs = dict(cluster=secure.address, api_key=secure.other_key)
+    with pytest.raises(burla.JobNotFoundError):
+        burla.attach(job.id, **theirs)
+    intruder = burla.Job(job.id, **theirs)
+    with pytest.raises(burla.JobNotFoundError):
+        intruder.result(timeout=10, spinner=False)
+    with pytest.raises(burla.JobNotFoundError):
+        intruder.logs()
+    assert job.id not in [j.id for j in burla.jobs(**theirs)]
+    sock = dealer(secure, secure.other_key)
+    P.send(sock, P.CANCEL, {"j": bytes.fromhex(job.id)})
+    sock.close(linger=1000)
+    readers = [dealer(secure, secure.api_key) for _ in range(3)]
+    for r in readers:
+        for _ in range(100):  # (each ATTACH with p=1 is a reader; past the cap, refused)
+            P.send(r, P.ATTACH, {"j": bytes.fromhex(job.id), "q": 0, "p": 1})
+    assert burla.attach(job.id, **mine).result(timeout=30, spinner=False) == [None] * 4
+    assert burla.attach(job.id, **mine).status().state == "done"
+    for r in readers:
+        r.close(0)
