@@ -543,8 +543,7 @@ class Job(Stream):
                 for run in self.receive():
                     yield run
                 self.fill()
-            self.acknowledge(force=True)
-            self.close(P.END, "done")
+            self.close(P.END, "done")  # (which acknowledges everything)
         except Exception:
             state = "failed"
             raise
