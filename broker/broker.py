@@ -100,10 +100,14 @@ class Broker:
             self.store.close()
 
     def commit(self):
+        touched, self.store.touched = self.store.touched, set()
         try:
             self.store.commit()
         except Full as e:
             log.error("what this turn wrote to the store was lost: %s", e)
+            self.scheduler.lost(touched, str(e))
+            self.store.commit()  # (what ending those jobs wrote)
+            self.store.checkpoint()
         self.scheduler.committed()
 
     def guarded(self, step):

@@ -238,6 +238,15 @@ class Scheduler:
                                job.started)
             job.stored = True
 
+    def lost(self, job_ids, why):
+        """The store refused this turn's writes: the jobs they were for end, with why (nothing silently lost)."""
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None and (job.detached or job.outbox.spilling):
+                self.spooled.pop(job_id, None)
+                self.reject(job, "spool", f"the job was ended: what the head had to keep for it could not be "
+                                          f"written ({why})")
+
     def committed(self):
         """After the loop's commit: tell uploading clients how many inputs are safely on disk."""
         for job_id, ident in self.spooled.items():
@@ -1033,6 +1042,9 @@ class Scheduler:
             job_id, _ = self.ended.popitem(last=False)
             if self.store is not None and job_id not in self.finished:
                 self.store.drop_job(job_id)
+        if self.store is not None:
+            self.store.commit()
+            self.store.checkpoint()
 
     def end_stuck_nested(self):
         """A nested job (submitted by a call) that no slot can ever take, because every slot that could run it

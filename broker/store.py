@@ -12,7 +12,9 @@ limit, and a write past it (or a full disk) raises Full instead of filling the d
 import fcntl
 import os
 import pathlib
+import shutil
 import sqlite3
+import time
 
 import msgpack
 
@@ -25,6 +27,7 @@ CREATE TABLE IF NOT EXISTS outbox (job BLOB, seq INTEGER, command BLOB, header B
     PRIMARY KEY (job, seq));
 """
 BLOB_MAX = 900 << 20  # SQLite's own limit is 1e9 bytes per value
+RESERVE = 64 << 20  # free disk kept (or 5% of a smaller disk): a write that would go below it is refused
 
 
 class StoreError(Exception):
@@ -63,45 +66,88 @@ class Store:
             self.db.executescript(SCHEMA)
             for path in self.folder.iterdir():  # (private like the keys beside it: inputs and results are users')
                 os.chmod(path, 0o600)
-            self.bytes = sum(self.db.execute(
-                f"SELECT COALESCE(SUM(LENGTH({col})), 0) FROM {table}").fetchone()[0]
-                for table, col in (("inputs", "frames"), ("outbox", "frames"), ("jobs", "function")))
+            self.bytes = self.count()
         except sqlite3.OperationalError as e:
             raise StoreError(f"cannot open the broker's state {self.path}: {e}") from None
         except sqlite3.DatabaseError as e:
             raise StoreError(f"the broker's state {self.path} is corrupt ({e}): move it (and its -wal file) "
                              "away to start with no jobs, or restore it from a copy") from None
         self.open = False  # a transaction is open
+        self.touched = set()  # ids of the jobs this turn's transaction wrote for
+        self.rolled_back = False
+        self.free, self.free_checked = None, 0.0
 
     # ------------------------------------------------------------------ writing
-    def write(self, sql, args, size=0):
+    def write(self, sql, args, size=0, job=None):
         """One statement inside this turn's transaction; Full (nothing written) past the spool limit or when the
-        disk is full."""
+        disk is (nearly) full."""
         if size and (self.bytes + size > self.spool_bytes or size > BLOB_MAX):
             raise Full(f"the head's spool is full ({self.bytes >> 20} MB of at most {self.spool_bytes >> 20} MB, "
                        "--spool-gb)" if size <= BLOB_MAX else
                        f"a message of {size >> 20} MB is larger than the head keeps on disk ({BLOB_MAX >> 20} MB)")
+        if size:
+            self.check_disk(size)
         if not self.open:
             self.db.execute("BEGIN")
             self.open = True
         try:
             self.db.execute(sql, args)
         except sqlite3.OperationalError as e:
-            if "full" in str(e):
-                raise Full(f"the head's disk is full ({e})") from None
-            raise
+            if "full" not in str(e):
+                raise
+            if not self.db.in_transaction:  # SQLite rolled the whole turn back: commit() says so
+                self.open, self.rolled_back = False, True
+            raise Full(f"the head's disk is full ({e})") from None
         self.bytes += size
+        self.touched.add(args[0] if job is None else job)
+        if self.free is not None:
+            self.free -= size
+
+    def check_disk(self, size):
+        """Refuse a write that would leave the disk nearly full (looked at again every second), so that a commit
+        seldom meets a full disk."""
+        now = time.monotonic()
+        if self.free is None or now - self.free_checked > 1.0:
+            usage = shutil.disk_usage(self.folder)
+            try:  # (SQLite writes over its write-ahead log once it is checkpointed: count it as room)
+                wal = os.path.getsize(f"{self.path}-wal")
+            except OSError:
+                wal = 0
+            self.free, self.free_checked = usage.free + wal, now
+            self.reserve = min(RESERVE, usage.total // 20)
+        if self.free - size < self.reserve:
+            raise Full(f"the head's disk is nearly full ({self.free >> 20} MB free in {self.folder})")
 
     def commit(self):
-        if self.open:
+        """End this turn's transaction; Full if the disk refused it (then the jobs in self.touched lost what this
+        turn wrote for them: the caller must end them, never carry on as if it had been kept)."""
+        if self.rolled_back:
+            self.rolled_back = False
+            self.bytes = self.count()
+            raise Full("the head's disk is full: what this turn wrote was rolled back")
+        if self.open and self.db.in_transaction:
             self.open = False
             try:
                 self.db.execute("COMMIT")
             except sqlite3.OperationalError as e:
                 if "full" not in str(e):
                     raise
-                self.db.execute("ROLLBACK")  # (the loop goes on; what this turn wrote is lost, and said)
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                self.bytes = self.count()
                 raise Full(f"the head's disk is full ({e})") from None
+            finally:
+                self.free = None
+
+    def checkpoint(self):
+        """Fold the write-ahead log into the database and truncate it: after a full disk, or deletions, this is
+        what gives the space back."""
+        if not self.db.in_transaction:
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.OperationalError:
+                pass
+        self.free = None
 
     def put_job(self, job_id, owner, detached, header, function, created):
         data = pack_frames(function)
@@ -110,7 +156,7 @@ class Store:
 
     def update_job(self, job_id, **fields):
         names = ", ".join(f"{k} = ?" for k in fields)
-        self.write(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id))
+        self.write(f"UPDATE jobs SET {names} WHERE id = ?", (*fields.values(), job_id), job=job_id)
 
     def put_input(self, job_id, start, header, frames):
         data = pack_frames(frames)
@@ -139,6 +185,10 @@ class Store:
         self.write(f"DELETE FROM {table} WHERE {where}", args)
 
     # ------------------------------------------------------------------ reading
+    def count(self):
+        return sum(self.db.execute(f"SELECT COALESCE(SUM(LENGTH({col})), 0) FROM {table}").fetchone()[0]
+                   for table, col in (("inputs", "frames"), ("outbox", "frames"), ("jobs", "function")))
+
     def jobs(self):
         rows = self.db.execute("SELECT id, owner, detached, state, reason, created, finished, total, sealed, header "
                                "FROM jobs ORDER BY created")

@@ -208,3 +208,23 @@ def test_retention_spool_limit_and_state_dir_errors(tmp_path):
                          timeout=30)
     assert bad.returncode == 2 and "corrupt" in bad.stderr, bad.stderr
     assert (state / "jobs" / "jobs.sqlite3").read_bytes() == b"not a database at all" * 100
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_a_full_disk_refuses_detached_inputs_clearly_and_the_broker_goes_on(tmp_path):
+    state = tmp_path / "small"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(state)], check=True, timeout=10)
+    try:
+        with broker_only() as c:
+            restart_broker(c, "--state-dir", str(state))
+            c.start_worker("w1", slots=2)
+            c.wait_for(1)
+            with pytest.raises(burla.BurlaError, match="disk is (nearly )?full"):
+                remote_parallel_map(len, [os.urandom(200_000) for _ in range(30)], detach=True,
+                                    cluster=c.address)
+            assert remote_parallel_map(abs, [-1], cluster=c.address, spinner=False) == [1]
+            small = remote_parallel_map(abs, [-4, -5], detach=True, cluster=c.address)
+            assert small.result(timeout=30, spinner=False) == [4, 5]
+    finally:
+        subprocess.run(["umount", "-l", str(state)], timeout=10)
