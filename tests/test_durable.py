@@ -214,7 +214,10 @@ def test_retention_spool_limit_and_state_dir_errors(tmp_path):
 def test_a_full_disk_refuses_detached_inputs_clearly_and_the_broker_goes_on(tmp_path):
     state = tmp_path / "small"
     state.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(state)], check=True, timeout=10)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(state)], capture_output=True,
+                             timeout=10)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         with broker_only() as c:
             restart_broker(c, "--state-dir", str(state))
