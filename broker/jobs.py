@@ -177,7 +177,7 @@ class Job:
                 "submitted": self.sent, "total": self.total if self.sealed or self.total else None,
                 "queued": sum(b.n for b in self.queue), "slots": len(self.slots), "started": self.started,
                 "elapsed": (self.finished or now) - self.started, "finished": self.finished,
-                "detached": int(self.detached), "attached": int(self.client is not None), "reason": self.reason,
+                "detached": int(self.detached), "attached": int(self.client is not None or any(not c.reader for c in self.cursors)), "reason": self.reason,
                 "workers": sorted({s.worker_id for s in self.slots})}
 
 

@@ -292,6 +292,9 @@ class Scheduler:
                     self.lose(job, cursor)
                     break
                 cursor.next += 1
+                if entry[0] == P.END and not cursor.reader:  # (a follower is done with the job at its end)
+                    job.cursors.remove(cursor)
+                    break
             else:
                 if cursor.until is not None and cursor.next > cursor.until:
                     outcome = self.offer(cursor.ident, P.ATTACHED, cursor.marker, ())

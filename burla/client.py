@@ -583,6 +583,7 @@ class Reader(Stream):
         super().__init__(conn, job_id, view)
         self.logs_only, self.reader = logs_only, reader
         self.q = after  # (entries up to this one are not wanted)
+        self.view.job_id(job_id.hex())
         self.info = None  # the latest ATTACHED
         self.logs = []
         self.attach(reader, logs_only)
@@ -604,8 +605,7 @@ class Reader(Stream):
         if not self.closed:
             self.closed = True
             self.conn.active.discard(self.id)
-            state = self.ended[0] if self.ended else "running"
-            self.view.close(state if state in ("done", "failed", "cancelled") else "running")
+            self.view.close(self.final_state())
             entry = self.conn.monitors.pop(self.sock, None)
             if entry is not None:
                 entry[0].close(0)
@@ -621,7 +621,12 @@ class Reader(Stream):
         self.acknowledge(force=True)
         self.closed = True
         self.conn.active.discard(self.id)
+        self.view.close(self.final_state())
         self.conn.release(self.sock)
+
+    def final_state(self):
+        state = self.ended[0] if self.ended else "running"
+        return state if state in ("done", "failed", "cancelled") else "running"
 
 class Pending:
     """A batch sent and not yet complete: which of its n inputs have an outcome."""
