@@ -1,8 +1,11 @@
 """The notebook experience in a real IPython kernel: the example notebook run by nbclient, the %%burla magic, the
-live widget's state, remote errors in the cell, and a kernel interrupt cancelling a job."""
+live widget's state, remote errors in the cell, a kernel interrupt cancelling a job, and %burla attach / %burla jobs
+picking up a detached job after the kernel that started it was restarted."""
 
+import ast
 import os
 import queue
+import re
 import time
 
 import nbformat
@@ -132,3 +135,122 @@ def test_interrupt_cancels_the_job(cluster):
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+def run_cell(kc, code, timeout=60):
+    """Run code in the kernel: (the execute reply's content, the IOPub messages the cell caused)."""
+    messages = []
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=messages.append)
+    return reply["content"], messages
+
+
+def outputs_text(messages):
+    return "\n".join(m["content"].get("text", "") + "".join(str(v) for v in m["content"].get("data", {}).values())
+                     + "\n".join(m["content"].get("traceback", [])) for m in messages
+                     if m["msg_type"] in ("stream", "execute_result", "display_data", "error"))
+
+
+def value(messages, kind="text/plain"):
+    """The cell's value (its execute_result) as that mime type."""
+    results = [m["content"]["data"] for m in messages if m["msg_type"] == "execute_result"]
+    assert len(results) == 1, messages
+    return results[0][kind]
+
+
+def widget_updates(messages):
+    """model id -> (model name, state) of the widgets the messages opened, with every update applied."""
+    models = {}
+    for m in messages:
+        data = m["content"].get("data", {})
+        if m["msg_type"] == "comm_open" and data.get("state", {}).get("_model_name"):
+            models[m["content"]["comm_id"]] = (data["state"]["_model_name"], dict(data["state"]))
+        elif m["msg_type"] == "comm_msg" and data.get("method") == "update" and m["content"]["comm_id"] in models:
+            models[m["content"]["comm_id"]][1].update(data["state"])
+    return models
+
+
+@pytest.mark.timeout(240)
+def test_attach_to_a_detached_job_after_a_kernel_restart(new_cluster):
+    """A kernel starts a detached job and is killed (a real restart); a cell of the new kernel picks the job up with
+    %burla attach: the live view shows it, and the results are all there in input order. %burla jobs lists it; an
+    interrupted %burla attach leaves its job running; a bad or unknown id is a one-line UsageError."""
+    new_cluster.start_worker("w1", slots=2)
+    new_cluster.wait_for(1, slots=2)
+    km, kc = start_new_kernel(kernel_name="python3", env=dict(os.environ, BURLA_CLUSTER=new_cluster.address))
+    try:
+        reply, messages = run_cell(kc, "import burla, time\n"
+                                       "def slow(x):\n    time.sleep(0.2)\n    print(f'slow {x}')\n    return x * x\n"
+                                       "job = burla.remote_parallel_map(slow, range(30), detach=True)\n"
+                                       "print('JOB', job.id)")
+        assert reply["status"] == "ok", reply
+        job_id = outputs_text(messages).split("JOB ", 1)[1].split()[0]
+        pid = km.provisioner.pid
+        km.restart_kernel(now=True)  # killed: the job has no client from here on
+        kc.wait_for_ready(timeout=60)
+        assert km.provisioner.pid != pid
+        assert value(run_cell(kc, "'job' in dir()")[1]) == "False"  # a new kernel
+
+        assert run_cell(kc, "%load_ext burla")[0]["status"] == "ok"
+        reply, messages = run_cell(kc, f"%burla attach {job_id}", timeout=90)
+        assert reply["status"] == "ok", reply
+        assert ast.literal_eval(value(messages)) == [x * x for x in range(30)]  # all, in input order
+        views = [m for m in messages if m["msg_type"] == "display_data"
+                 and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+        assert len(views) == 1  # the live view, in this cell
+        models = widget_updates(messages)
+        view = models[views[0]["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]]
+        assert view[0] == "VBoxModel" and view[1]["_dom_classes"] == ["burla-job"]
+        bars = [s for name, s in models.values() if name == "IntProgressModel"]
+        assert len(bars) == 1
+        header = [s["value"] for name, s in models.values() if name == "HTMLModel" and "<b>burla</b>" in s["value"]]
+
+        reply, messages = run_cell(kc, f"%burla attach --timeout 60 {job_id[:8]} -> squares\nsquares[-1]")
+        assert reply["status"] == "ok", reply
+        assert value(messages) == str(29 * 29)  # a prefix of the id is enough
+
+        reply, messages = run_cell(kc, "%burla jobs")
+        assert reply["status"] == "ok", reply
+        table = value(messages, "text/html")
+        rows = [re.findall(r"<td>(.*?)</td>", r) for r in table.split("<tr>")]
+        row = [r for r in rows if r[:1] == [job_id]]
+        assert len(row) == 1 and row[0][1:4] == ["done", "30 / 30", "0"] and row[0][5] == "yes", table
+        assert job_id in value(run_cell(kc, f"%burla jobs {new_cluster.address}")[1], "text/html")
+
+        # interrupting the kernel while it reads a job stops the reading, not the job
+        reply, messages = run_cell(kc, "import burla, time\ndef slow(x):\n    time.sleep(0.5)\n    return x + 1\n"
+                                       "job = burla.remote_parallel_map(slow, range(20), detach=True)\njob.id")
+        second = ast.literal_eval(value(messages))
+        msg_id = kc.execute(f"%burla attach {second}")
+        deadline = time.monotonic() + 60
+        while True:  # until its view is up
+            assert time.monotonic() < deadline, "no view"
+            m = kc.get_iopub_msg(timeout=30)
+            if m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "display_data":
+                break
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["ename"] == "KeyboardInterrupt"
+        assert value(run_cell(kc, f"burla.attach('{second}').status().state")[1]) in ("'running'", "'done'")
+        reply, messages = run_cell(kc, f"%burla attach {second} -> again\nagain", timeout=90)
+        assert ast.literal_eval(value(messages)) == list(range(1, 21))
+
+        absent = next(d for d in "0123456789abcdef" if d not in (job_id[0], second[0]))  # no job's id starts so
+        for line, says in [("%burla attach 0123456789abcdef", "no job 0123456789abcdef on ipc://"),
+                           ("%burla attach not-an-id", "16 hexadecimal digits"),
+                           ("%burla attach", "one job id"),
+                           (f"%burla attach {absent}", "no job on ipc://"),
+                           ("%burla attach --bogus 1 " + job_id, "unknown option --bogus"),
+                           ("%burla jobs --timeout 3", "%burla jobs [CLUSTER]"),
+                           ("%burla jobs nowhere", "expected 'local'")]:
+            reply, messages = run_cell(kc, line)
+            errors = [m["content"] for m in messages if m["msg_type"] == "error"]
+            assert reply["status"] == "error" and len(errors) == 1, (line, messages)
+            assert errors[0]["ename"] == "UsageError" and says in errors[0]["evalue"], (line, errors)
+            assert len(errors[0]["traceback"]) == 1, errors  # the message alone, not a traceback
+
+        # The view's final state (drawn by its close() at the end of the read) and the job's id in its header.
+        ended = (bars[0]["value"], bars[0]["max"], bars[0]["bar_style"], "done" in header[0], job_id in header[0])
+        assert ended == (30, 30, "success", True, True)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -1,5 +1,6 @@
 """The Jupyter server extension behind the JupyterLab panel, in a real Jupyter server against a real cluster: its
-state and log stream, cancelling a job, starting the server's own cluster, and authentication on every endpoint."""
+state and log stream, cancelling a job, detached jobs in the state, starting the server's own cluster, and
+authentication on every endpoint."""
 
 import asyncio
 import json
@@ -96,6 +97,25 @@ async def test_cancel_a_job_from_the_panel(jp_fetch, panel_cluster):
     with pytest.raises(HTTPClientError) as missing:
         await jp_fetch("burla", "jobs", "00" * 8, "cancel", method="POST", body="{}")
     assert missing.value.code == 404
+
+
+async def test_state_lists_detached_jobs_that_ended(jp_fetch, panel_cluster):
+    """What the panel's "attach in a new cell" is offered for: a detached job, among the ended jobs, marked so."""
+    await state_when(jp_fetch, lambda b: b["cluster"]["connected"])
+
+    def double(x):
+        return 2 * x
+
+    def detached_job():
+        job = remote_parallel_map(double, range(7), detach=True, cluster=panel_cluster.address)
+        return job.id, job.result(timeout=60, spinner=False)
+
+    job_id, results = await asyncio.get_running_loop().run_in_executor(None, detached_job)
+    assert results == [2 * x for x in range(7)]
+    body = await state_when(jp_fetch, lambda b: any(j["id"] == job_id for j in b["state"]["recent"]))
+    record = [j for j in body["state"]["recent"] if j["id"] == job_id][0]
+    assert (record["state"], record["done"], record["total"], record["detached"]) == ("done", 7, 7, 1)
+    assert not any(j["id"] == job_id for j in body["state"]["jobs"])
 
 
 async def test_every_endpoint_needs_authentication(jp_fetch, jp_base_url, jp_http_port, panel_cluster):

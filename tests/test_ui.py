@@ -1,5 +1,6 @@
 """The JupyterLab panel in a real JupyterLab, driven in headless Chromium (Debian's) by Playwright: open the panel,
-run a job from a notebook, see workers, progress and log lines appear, then cancel the job from the panel."""
+run a job from a notebook, see workers, progress and log lines appear, then cancel the job from the panel; pick a
+finished detached job up in a new notebook cell from the panel, and copy its id."""
 
 import contextlib
 import json
@@ -46,6 +47,19 @@ def free_port():
 @pytest.fixture
 def lab(tmp_path, cluster):
     yield from start_lab(tmp_path, {"BURLA_CLUSTER": cluster.address})
+
+
+@pytest.fixture
+def own_cluster(new_cluster):
+    """A cluster of the test's own, whose jobs the module's other tests do not see."""
+    new_cluster.start_worker("w1", slots=2)
+    new_cluster.wait_for(1, slots=2)
+    return new_cluster
+
+
+@pytest.fixture
+def own_lab(tmp_path, own_cluster):
+    yield from start_lab(tmp_path, {"BURLA_CLUSTER": own_cluster.address})
 
 
 @pytest.fixture
@@ -131,15 +145,74 @@ def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path):
             time.sleep(0.05)
 
 
+def test_attach_a_detached_job_in_a_new_cell(own_lab, own_cluster):
+    """A detached job that ended, and an attached one: the panel lists both; the detached one's "Attach in a new
+    cell" puts a cell below the notebook's active cell that, run, gets the job's results; "Copy id" copies its id."""
+    from burla import remote_parallel_map
+
+    def triple(x):
+        return 3 * x
+
+    job = remote_parallel_map(triple, range(10), detach=True, cluster=own_cluster.address)
+    assert job.result(timeout=60, spinner=False) == [3 * x for x in range(10)]
+    before = {j["id"] for j in cluster_state(own_cluster.address)["recent"]}
+    remote_parallel_map(triple, range(3), cluster=own_cluster.address, spinner=False)  # an attached job
+    deadline = time.monotonic() + 10
+    while True:  # (the client's end of the job reaches the broker after the results)
+        attached = [j["id"] for j in cluster_state(own_cluster.address)["recent"]
+                    if not j["detached"] and j["id"] not in before]
+        if attached:
+            break
+        assert time.monotonic() < deadline, "the attached job is not among the broker's recent jobs"
+        time.sleep(0.05)
+    attached = attached[0]
+
+    with panel_page(own_lab, "lab/tree/job.ipynb", permissions=["clipboard-read", "clipboard-write"]) as (page, panel):
+        row = panel.locator(f'.burla-job[data-job="{job.id}"]')
+        expect(row).to_contain_text("done", timeout=20_000)
+        expect(row).to_contain_text("detached")
+        expect(row.locator(".burla-counts")).to_contain_text("10 / 10 calls")
+        expect(row.locator(".burla-attach")).to_be_visible()
+        expect(row.locator(".burla-copy")).to_be_visible()
+        other = panel.locator(f'.burla-job[data-job="{attached}"]')
+        expect(other.locator(".burla-copy")).to_be_visible()
+        expect(other.locator(".burla-attach")).to_be_hidden()  # its results went to its client: nothing to attach to
+
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        expect(cells).to_have_count(1, timeout=60_000)
+        cells.first.locator(".cm-content").click()  # the active cell: the new one goes below it
+        row.locator(".burla-attach").click()
+        expect(cells).to_have_count(2)
+        expect(cells.nth(1).locator(".cm-content")).to_contain_text(f'burla.attach("{job.id}"')
+        expect(panel.locator(".burla-notice")).to_contain_text("job.ipynb")
+        expect(cells.first.locator(".cm-content")).to_contain_text("remote_parallel_map(slow")  # (left alone)
+
+        cells.nth(1).locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")  # run it, in the notebook's kernel (a fresh one)
+        expect(cells.nth(1).locator(".jp-OutputArea .burla-job")).to_be_visible(timeout=60_000)  # the live view
+        expect(cells).to_have_count(3)  # (Shift+Enter on the last cell adds one, in edit mode)
+        page.keyboard.type("print('got', results)")
+        page.keyboard.press("Shift+Enter")
+        expect(cells.nth(2).locator(".jp-OutputArea")).to_contain_text(f"got {[3 * x for x in range(10)]}",
+                                                                     timeout=60_000)
+
+        row.locator(".burla-copy").click()
+        expect(panel.locator(".burla-notice")).to_contain_text(f"copied job id {job.id}")
+        assert page.evaluate("navigator.clipboard.readText()") == job.id
+
+
 @contextlib.contextmanager
-def panel_page(lab, path="lab"):
+def panel_page(lab, path="lab", permissions=()):
     """Headless Chromium on a JupyterLab page with the Burla panel open: (page, panel)."""
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            if permissions:
+                context.grant_permissions(list(permissions), origin=lab)
+            page = context.new_page()
             page.goto(f"{lab}/{path}?token={TOKEN}")
             page.locator('.jp-LabShell [data-id="burla-panel"]').click(timeout=60_000)  # the sidebar tab
             yield page, page.locator("#burla-panel")

@@ -1,6 +1,7 @@
 import { ILabShell, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { LabIcon } from '@jupyterlab/ui-components';
 
+import { INotebookLike, isNotebook } from './model';
 import { BurlaPanel } from './panel';
 
 const ICON = `<svg xmlns="http://www.w3.org/2000/svg" width="16" viewBox="0 0 24 24">
@@ -14,7 +15,24 @@ const plugin: JupyterFrontEndPlugin<void> = {
   autoStart: true,
   requires: [ILabShell],
   activate: (app: JupyterFrontEnd, shell: ILabShell) => {
-    const panel = new BurlaPanel();
+    // The notebook a job is attached in: the one in front, else the last one that was (the panel has the focus
+    // when its button is clicked, but the main area's current widget stays the notebook).
+    let last: INotebookLike | null = null;
+    const track = () => {
+      if (isNotebook(shell.currentWidget)) {
+        last = shell.currentWidget;
+      }
+    };
+    shell.currentChanged.connect(track);
+    track();
+    const panel = new BurlaPanel({
+      notebook: () => {
+        track();
+        const widget = last as (INotebookLike & { isDisposed?: boolean }) | null;
+        return widget && !widget.isDisposed ? widget : null;
+      },
+      activate: notebook => shell.activateById(notebook.id)
+    });
     panel.title.icon = new LabIcon({ name: 'burla:icon', svgstr: ICON });
     shell.add(panel, 'left', { rank: 900 });
   }

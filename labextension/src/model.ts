@@ -27,6 +27,11 @@ export interface IJob {
   elapsed: number;
   state: string; // running | done | cancelled | failed
   workers?: string[];
+  started?: number; // seconds since the epoch
+  finished?: number | null;
+  detached?: number; // 1: it runs with no client, and its outcomes stay on the head (burla.attach picks it up)
+  attached?: number; // 1: a client is reading it now
+  reason?: string | null; // why it ended, when not done
 }
 
 export interface ICluster {
@@ -73,7 +78,8 @@ export class PanelModel {
         // follow the newest running job; when none runs, stay on the one shown, else the latest that ended
         const running = this.state?.jobs[this.state.jobs.length - 1];
         const stay = this.selected !== null && this.job(this.selected) ? this.selected : null;
-        this.selected = running ? running.id : (stay ?? this.state?.recent[0]?.id ?? null);
+        const ended = this.jobs().filter(j => j.state !== 'running');
+        this.selected = running ? running.id : (stay ?? ended[0]?.id ?? null);
       }
     } else if (message.type === 'logs') {
       this.addLines(message.job, message.lines);
@@ -134,9 +140,23 @@ export class PanelModel {
     this.version++;
   }
 
-  /** Running jobs first (newest first, as the broker lists them), then the recent ones. */
+  /** Running jobs first (as the broker lists them), then the ended ones, the latest to end first. The broker lists
+   * its ended attached jobs, then its ended detached ones: they are merged here, and a job listed twice is shown
+   * once (as running, if it is). */
   jobs(): IJob[] {
-    return this.state ? [...this.state.jobs, ...this.state.recent] : [];
+    if (!this.state) {
+      return [];
+    }
+    const seen = new Set(this.state.jobs.map(j => j.id));
+    const ended: IJob[] = [];
+    for (const job of this.state.recent) {
+      if (!seen.has(job.id)) {
+        seen.add(job.id);
+        ended.push(job);
+      }
+    }
+    ended.sort((a, b) => endedAt(b) - endedAt(a)); // (a stable sort: ties keep the broker's order)
+    return [...this.state.jobs, ...ended];
   }
 
   job(id: string): IJob | undefined {
@@ -165,6 +185,100 @@ export class PanelModel {
 
   skippedLines(): number {
     return this.selected ? this.skipped.get(this.selected) ?? 0 : 0;
+  }
+}
+
+/** When a job ended, in seconds since the epoch (0 if the broker did not say). */
+function endedAt(job: IJob): number {
+  return job.finished ?? (job.started !== undefined ? job.started + job.elapsed : 0);
+}
+
+/** Whether a kernel can pick the job up with burla.attach: a detached job's outcomes stay on the head, so it can,
+ * running or ended; an attached job's went to its client. */
+export function canAttach(job: IJob): boolean {
+  return !!job.detached;
+}
+
+/** The code of the cell that attaches to a job: it works in a fresh kernel (no extension to load), shows the job's
+ * live view in the cell and keeps its results. The cluster is named where the panel knows it, for a kernel that
+ * does not have it configured (one started before the panel started its local cluster). */
+export function attachCode(job: IJob, cluster: ICluster): string {
+  const where = cluster.address ? `, cluster=${JSON.stringify(cluster.address)}` : '';
+  return (
+    "import burla\n\n# the job's live view, then its results in input order\n" +
+    `results = burla.attach(${JSON.stringify(job.id)}${where}).result()\n`
+  );
+}
+
+/** What the panel uses of a JupyterLab notebook panel (@jupyterlab/notebook's NotebookPanel, which this extension
+ * does not depend on): its notebook widget, the active cell and the shared model cells are inserted into. */
+export interface INotebookLike {
+  id: string;
+  title: { label: string };
+  content: {
+    activeCellIndex: number;
+    activeCell: unknown;
+    model: { sharedModel: { insertCell(index: number, cell: object): unknown } } | null;
+    deselectAll?: () => void;
+    scrollToItem?: (index: number, align?: string) => unknown;
+  };
+}
+
+export function isNotebook(widget: unknown): widget is INotebookLike {
+  const content = (widget as { content?: INotebookLike['content'] } | null)?.content;
+  return (
+    !!content &&
+    typeof content.activeCellIndex === 'number' &&
+    typeof content.model?.sharedModel?.insertCell === 'function'
+  );
+}
+
+/** Insert a code cell below the notebook's active cell and make it the active one (as JupyterLab's "insert a cell
+ * below" does); its index. */
+export function insertCellBelow(notebook: INotebookLike, source: string): number {
+  const { content } = notebook;
+  if (!content.model) {
+    throw new Error('the notebook is not loaded yet');
+  }
+  const index = content.activeCell ? content.activeCellIndex + 1 : 0;
+  content.model.sharedModel.insertCell(index, { cell_type: 'code', source, metadata: { trusted: true } });
+  content.activeCellIndex = index;
+  content.deselectAll?.();
+  void content.scrollToItem?.(index, 'smart');
+  return index;
+}
+
+/** Put text on the clipboard: the Clipboard API where the page may use it, else a selected textarea and the
+ * older copy command (pages not served over HTTPS or localhost, older browsers). Whether it worked. */
+export async function copyText(
+  text: string,
+  nav: { clipboard?: { writeText(text: string): Promise<void> } } | undefined = globalThis.navigator,
+  doc: Document | undefined = globalThis.document
+): Promise<boolean> {
+  if (nav?.clipboard?.writeText) {
+    try {
+      await nav.clipboard.writeText(text);
+      return true;
+    } catch {
+      // (refused: not a secure context, no permission, the page not focused) the fallback below
+    }
+  }
+  if (!doc?.body) {
+    return false;
+  }
+  const area = doc.createElement('textarea');
+  area.value = text;
+  area.setAttribute('readonly', '');
+  area.style.position = 'fixed';
+  area.style.opacity = '0';
+  doc.body.appendChild(area);
+  try {
+    area.select();
+    return doc.execCommand('copy');
+  } catch {
+    return false;
+  } finally {
+    doc.body.removeChild(area);
   }
 }
 

@@ -1,9 +1,42 @@
 import { Widget } from '@lumino/widgets';
 
-import { ALL_WORKERS, duration, IJob, Message, PanelModel, progress, total } from './model';
+import {
+  ALL_WORKERS,
+  attachCode,
+  canAttach,
+  copyText,
+  duration,
+  IJob,
+  INotebookLike,
+  insertCellBelow,
+  Message,
+  PanelModel,
+  progress,
+  total
+} from './model';
 import { openEvents, requestAPI } from './request';
 
 const DRAW_INTERVAL = 100; // ms: a job streaming thousands of lines a second redraws ten times a second
+const NOTICE_TIME = 4000; // ms a notice ("copied", "open a notebook first") stays
+
+/** What the panel needs from JupyterLab's shell: the notebook to insert cells in, and a way to bring it forward. */
+export interface IPanelOptions {
+  notebook?: () => INotebookLike | null;
+  activate?: (notebook: INotebookLike) => void;
+}
+
+/** A job's row, kept from one draw to the next and updated in place: a click on one of its buttons is not lost to
+ * a redraw that replaced the button between the press and the release (the broker's state comes 4 times a
+ * second). */
+interface IJobRow {
+  node: HTMLElement;
+  title: HTMLElement;
+  fill: HTMLElement;
+  counts: HTMLElement;
+  cancel: HTMLButtonElement;
+  attach: HTMLButtonElement;
+  drawn: string; // what the row shows, to skip an update that changes nothing
+}
 
 function el<K extends keyof HTMLElementTagNameMap>(tag: K, className = '', text = ''): HTMLElementTagNameMap[K] {
   const node = document.createElement(tag);
@@ -24,20 +57,23 @@ export class BurlaPanel extends Widget {
   private closeEvents: () => void;
   private clusterLine = el('div', 'burla-cluster');
   private buttons = el('div', 'burla-buttons');
+  private notice = el('div', 'burla-notice');
+  private noticeTimer = 0;
+  private rows = new Map<string, IJobRow>();
   private workersTable = el('table', 'burla-workers');
   private jobsList = el('div', 'burla-jobs');
   private logTitle = el('div', 'burla-log-title');
   private workerSelect = el('select', 'burla-worker-filter');
   private log = el('pre', 'burla-log');
 
-  constructor() {
+  constructor(private options: IPanelOptions = {}) {
     super();
     this.id = 'burla-panel';
     this.addClass('burla-panel');
     this.title.caption = 'Burla';
     const section = (name: string) => this.node.appendChild(el('h3', 'burla-section', name));
     this.node.appendChild(el('h2', '', 'Burla'));
-    this.node.append(this.clusterLine, this.buttons);
+    this.node.append(this.clusterLine, this.buttons, this.notice);
     section('Workers');
     this.node.appendChild(this.workersTable);
     section('Jobs');
@@ -61,6 +97,7 @@ export class BurlaPanel extends Widget {
 
   dispose(): void {
     window.clearInterval(this.timer);
+    window.clearTimeout(this.noticeTimer);
     this.closeEvents();
     super.dispose();
   }
@@ -124,39 +161,114 @@ export class BurlaPanel extends Widget {
   }
 
   private drawJobs(): void {
-    this.jobsList.innerHTML = '';
     const jobs = this.model.jobs();
-    if (!jobs.length) {
-      this.jobsList.appendChild(el('div', 'burla-empty', 'no jobs yet'));
+    const wanted = new Set(jobs.map(j => j.id));
+    for (const [id, row] of this.rows) {
+      if (!wanted.has(id)) {
+        row.node.remove();
+        this.rows.delete(id);
+      }
     }
-    for (const job of jobs) {
-      this.jobsList.appendChild(this.jobRow(job));
+    let empty = this.jobsList.querySelector('.burla-empty');
+    if (!jobs.length && !empty) {
+      empty = this.jobsList.appendChild(el('div', 'burla-empty', 'no jobs yet'));
+    } else if (jobs.length && empty) {
+      empty.remove();
     }
+    jobs.forEach((job, index) => {
+      let row = this.rows.get(job.id);
+      if (!row) {
+        row = this.jobRow(job.id);
+        this.rows.set(job.id, row);
+      }
+      this.updateRow(row, job);
+      if (this.jobsList.children[index] !== row.node) {
+        this.jobsList.insertBefore(row.node, this.jobsList.children[index] ?? null); // (only when the order moved)
+      }
+    });
   }
 
-  private jobRow(job: IJob): HTMLElement {
-    const row = el('div', `burla-job burla-job-${job.state}${job.id === this.model.selected ? ' burla-selected' : ''}`);
-    row.dataset.job = job.id;
-    row.onclick = () => void this.selectJob(job.id);
+  private jobRow(id: string): IJobRow {
+    const node = el('div', 'burla-job');
+    node.dataset.job = id;
+    node.onclick = () => void this.selectJob(id);
     const title = el('div', 'burla-job-title');
-    title.append(el('code', '', job.id.slice(0, 8)), ` ${job.state} · ${duration(job.elapsed)}`);
-    if (job.state === 'running') {
-      const cancel = el('button', 'jp-mod-styled jp-mod-warn burla-cancel', 'Cancel');
-      cancel.onclick = event => {
-        event.stopPropagation();
-        void this.act(`jobs/${job.id}/cancel`, {});
-      };
-      title.appendChild(cancel);
-    }
+    const code = el('code', '', id.slice(0, 8));
+    code.title = id;
+    const text = el('span');
+    const cancel = el('button', 'jp-mod-styled jp-mod-warn burla-cancel', 'Cancel');
+    cancel.onclick = event => {
+      event.stopPropagation();
+      void this.act(`jobs/${id}/cancel`, {});
+    };
+    title.append(code, text, cancel);
     const bar = el('div', 'burla-progress');
     const fill = el('div', 'burla-progress-fill');
-    fill.style.width = `${(progress(job) * 100).toFixed(1)}%`;
     bar.appendChild(fill);
-    const counts = el('div', 'burla-counts',
+    const counts = el('div', 'burla-counts');
+    const actions = el('div', 'burla-job-actions');
+    const attach = el('button', 'jp-mod-styled jp-mod-accept burla-attach', 'Attach in a new cell');
+    attach.title = 'Insert a cell below the active cell of the notebook that picks this job up (burla.attach)';
+    attach.onclick = event => {
+      event.stopPropagation();
+      this.attachInNotebook(id);
+    };
+    const copy = el('button', 'jp-mod-styled burla-copy', 'Copy id');
+    copy.title = `Copy the job's id (${id}) to the clipboard`;
+    copy.onclick = event => {
+      event.stopPropagation();
+      void copyText(id).then(ok => this.say(ok ? `copied job id ${id}` : `could not copy; the job id is ${id}`));
+    };
+    actions.append(attach, copy);
+    node.append(title, bar, counts, actions);
+    return { node, title: text, fill, counts, cancel, attach, drawn: '' };
+  }
+
+  private updateRow(row: IJobRow, job: IJob): void {
+    const selected = job.id === this.model.selected;
+    const counts =
       `${job.done.toLocaleString()} / ${total(job).toLocaleString()} calls · ${job.failed} failed` +
-      (job.state === 'running' ? ` · ${job.slots} slots` : ''));
-    row.append(title, bar, counts);
-    return row;
+      (job.state === 'running' ? ` · ${job.slots} slots` : '');
+    const drawn = JSON.stringify([job.state, selected, job.elapsed, counts, progress(job), !!job.detached, job.reason]);
+    if (drawn === row.drawn) {
+      return;
+    }
+    row.drawn = drawn;
+    row.node.className = `burla-job burla-job-${job.state}${selected ? ' burla-selected' : ''}` +
+      (job.detached ? ' burla-detached' : '');
+    row.title.textContent = ` ${job.state} · ${duration(job.elapsed)}${job.detached ? ' · detached' : ''}`;
+    row.title.title = job.reason ?? '';
+    row.cancel.hidden = job.state !== 'running';
+    row.fill.style.width = `${(progress(job) * 100).toFixed(1)}%`;
+    row.counts.textContent = counts;
+    row.attach.hidden = !canAttach(job);
+  }
+
+  /** The "attach in a new cell" button: a cell that picks the job up, below the active cell of the notebook. */
+  private attachInNotebook(id: string): void {
+    const job = this.model.job(id);
+    const notebook = this.options.notebook?.() ?? null;
+    if (!job) {
+      return;
+    }
+    if (!notebook) {
+      this.say('open a notebook first: the cell that attaches to the job goes below its active cell');
+      return;
+    }
+    try {
+      insertCellBelow(notebook, attachCode(job, this.model.cluster));
+    } catch (error) {
+      this.say(`could not insert the cell: ${error}`);
+      return;
+    }
+    this.options.activate?.(notebook);
+    this.say(`a cell attaching to job ${id.slice(0, 8)} is in ${notebook.title.label}: run it`);
+  }
+
+  private say(text: string): void {
+    this.notice.textContent = text;
+    window.clearTimeout(this.noticeTimer);
+    this.noticeTimer = window.setTimeout(() => (this.notice.textContent = ''), NOTICE_TIME);
   }
 
   private drawLog(): void {

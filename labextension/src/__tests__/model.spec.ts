@@ -1,4 +1,18 @@
-import { ALL_WORKERS, duration, IJob, LogLine, MAX_LINES, PanelModel, progress, total } from '../model';
+import {
+  ALL_WORKERS,
+  attachCode,
+  canAttach,
+  copyText,
+  duration,
+  IJob,
+  insertCellBelow,
+  isNotebook,
+  LogLine,
+  MAX_LINES,
+  PanelModel,
+  progress,
+  total
+} from '../model';
 
 function job(id: string, extra: Partial<IJob> = {}): IJob {
   return { id, done: 0, failed: 0, submitted: 10, queued: 0, slots: 2, elapsed: 1, state: 'running', ...extra };
@@ -101,5 +115,129 @@ describe('helpers', () => {
     expect(duration(3.21)).toBe('3.2 s');
     expect(duration(125)).toBe('2 min 5 s');
     expect(duration(7300)).toBe('2 h 1 min');
+  });
+});
+
+describe('ended and detached jobs', () => {
+  it('lists the running jobs, then the ended ones latest first, each once', () => {
+    const m = new PanelModel();
+    // the broker sends its ended attached jobs, then its ended detached ones
+    m.apply(state([job('run', { detached: 1 })], [
+      job('attached-old', { state: 'done', finished: 100 }),
+      job('detached-new', { state: 'done', finished: 300, detached: 1 }),
+      job('detached-mid', { state: 'failed', finished: 200, detached: 1 }),
+      job('run', { state: 'done', finished: 400 })
+    ]));
+    expect(m.jobs().map(j => j.id)).toEqual(['run', 'detached-new', 'detached-mid', 'attached-old']);
+    expect(m.job('run')?.state).toBe('running');
+    expect(m.selected).toBe('run');
+    m.apply(state([], [
+      job('attached-old', { state: 'done', finished: 100 }),
+      job('detached-new', { state: 'done', finished: 300, detached: 1 })
+    ]));
+    expect(m.selected).toBe('detached-new'); // the latest to end
+  });
+
+  it('falls back to started + elapsed for when a job ended', () => {
+    const m = new PanelModel();
+    m.apply(state([], [job('a', { state: 'done', started: 10, elapsed: 5 }),
+                       job('b', { state: 'done', started: 12, elapsed: 5 })]));
+    expect(m.jobs().map(j => j.id)).toEqual(['b', 'a']);
+  });
+
+  it('offers to attach to detached jobs only, with code that works in a fresh kernel', () => {
+    expect(canAttach(job('a', { detached: 1, state: 'done' }))).toBe(true);
+    expect(canAttach(job('a', { detached: 1 }))).toBe(true);
+    expect(canAttach(job('a', { detached: 0, state: 'done' }))).toBe(false);
+    expect(canAttach(job('a'))).toBe(false);
+    const id = '0123456789abcdef';
+    const code = attachCode(job(id), { address: 'ipc:///tmp/a "b"/broker', embedded: false, connected: true });
+    expect(code).toBe("import burla\n\n# the job's live view, then its results in input order\n" +
+                      'results = burla.attach("0123456789abcdef", cluster="ipc:///tmp/a \\"b\\"/broker").result()\n');
+    expect(attachCode(job(id), { address: null, embedded: false, connected: false }))
+      .toContain('burla.attach("0123456789abcdef").result()');
+  });
+});
+
+function fakeNotebook(cells: string[], active: number | null) {
+  const inserted: object[] = [];
+  const nb = {
+    id: 'nb', title: { label: 'job.ipynb' }, deselected: 0,
+    content: {
+      activeCellIndex: active ?? 0,
+      activeCell: active === null ? null : {},
+      model: { sharedModel: { insertCell: (index: number, cell: { source: string }) => {
+        cells.splice(index, 0, cell.source);
+        inserted.push(cell);
+      } } },
+      deselectAll: () => nb.deselected++
+    }
+  };
+  return { nb, inserted };
+}
+
+describe('inserting a cell', () => {
+  it('goes below the active cell and becomes the active one', () => {
+    const cells = ['a', 'b', 'c'];
+    const { nb, inserted } = fakeNotebook(cells, 1);
+    expect(isNotebook(nb)).toBe(true);
+    expect(insertCellBelow(nb, 'new')).toBe(2);
+    expect(cells).toEqual(['a', 'b', 'new', 'c']);
+    expect(nb.content.activeCellIndex).toBe(2);
+    expect(nb.deselected).toBe(1);
+    expect(inserted[0]).toEqual({ cell_type: 'code', source: 'new', metadata: { trusted: true } });
+  });
+
+  it('goes first when no cell is active, and not at all in a notebook not loaded', () => {
+    const cells = ['a'];
+    const { nb } = fakeNotebook(cells, null);
+    insertCellBelow(nb, 'new');
+    expect(cells).toEqual(['new', 'a']);
+    const unloaded = { ...nb, content: { ...nb.content, model: null } };
+    expect(isNotebook(unloaded)).toBe(false);
+    expect(() => insertCellBelow(unloaded, 'x')).toThrow('not loaded');
+    expect(isNotebook(null)).toBe(false);
+    expect(isNotebook({ content: { activeCellIndex: 0 } })).toBe(false); // (a text editor has no cells)
+  });
+});
+
+function fakeDocument(copies: boolean) {
+  const body = { children: [] as object[], appendChild(n: object) { this.children.push(n); },
+                 removeChild(n: object) { this.children.splice(this.children.indexOf(n), 1); } };
+  const doc = {
+    body, copied: [] as string[],
+    createElement: () => {
+      const area = { value: '', style: {}, setAttribute: () => undefined, select: () => (doc.selected = area.value) };
+      return area;
+    },
+    selected: '',
+    execCommand: (command: string) => {
+      if (command !== 'copy' || !copies) {
+        return false;
+      }
+      doc.copied.push(doc.selected);
+      return true;
+    }
+  };
+  return doc;
+}
+
+describe('copying a job id', () => {
+  it('uses the Clipboard API', async () => {
+    const written: string[] = [];
+    const nav = { clipboard: { writeText: async (t: string) => void written.push(t) } };
+    expect(await copyText('abc', nav, fakeDocument(true) as unknown as Document)).toBe(true);
+    expect(written).toEqual(['abc']);
+  });
+
+  it('falls back to the copy command when the Clipboard API is refused or missing', async () => {
+    const refusing = { clipboard: { writeText: async () => Promise.reject(new Error('NotAllowedError')) } };
+    const doc = fakeDocument(true);
+    expect(await copyText('abc', refusing, doc as unknown as Document)).toBe(true);
+    expect(await copyText('def', {}, doc as unknown as Document)).toBe(true);
+    expect(doc.copied).toEqual(['abc', 'def']);
+    expect(doc.body.children).toHaveLength(0); // the textarea is gone again
+    expect(await copyText('ghi', {}, fakeDocument(false) as unknown as Document)).toBe(false);
+    expect(await copyText('ghi', undefined, undefined)).toBe(false);
   });
 });
