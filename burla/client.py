@@ -12,13 +12,13 @@ import linecache
 import math
 import os
 import re
+import struct
 import threading
 import time
 import warnings
 import weakref
 
 import zmq
-import zmq.utils.monitor
 
 from burla import config, env, errors, protocol as P, security, serialize
 from burla.progress import create as create_view
@@ -82,7 +82,8 @@ class Connection:
             return False
         again = False
         while entry[0].poll(0):
-            event = zmq.utils.monitor.parse_monitor_message(entry[0].recv_multipart())["event"]
+            # (frame 0 starts with the event number, a native uint16; zmq.utils.monitor would import asyncio)
+            event = struct.unpack("=H", entry[0].recv_multipart()[0][:2])[0]
             if event == zmq.EVENT_DISCONNECTED:
                 entry[1] = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and entry[1]:
