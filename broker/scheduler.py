@@ -577,7 +577,7 @@ class Scheduler:
                 self.unbind(slot)
         self.dirty = True
         self.spooled.pop(job_id, None)
-        self.remember(job, kind)
+        record = self.remember(job, kind)
         if job.detached:
             try:
                 job.outbox.append(P.END, {"j": job.id, "st": state, "e": reason})
@@ -586,7 +586,7 @@ class Scheduler:
             self.finished[job.id] = job
             self.pump(job)
         else:
-            self.recent.appendleft(dict(job.record(), owner=job.owner))
+            self.recent.appendleft(dict(record, owner=job.owner))
             for cursor in job.cursors:  # (followers, and a client that did not end it itself, hear how it ended)
                 if state != "done" or cursor.ident != job.client or job.client_id != job.header.get("c"):
                     self.offer(cursor.ident, P.END, {"j": job.id, "st": state, "e": reason}, ())
@@ -601,9 +601,11 @@ class Scheduler:
                 log.warning("job %s: how it ended could not be stored: %s", job.id.hex(), e)
 
     def remember(self, job, kind):
-        self.ended[job.id] = (job.owner, job.record(), kind)
+        record = job.record()
+        self.ended[job.id] = (job.owner, record, kind)
         while len(self.ended) > ENDED_KEPT:
             self.ended.popitem(last=False)
+        return record
 
     def stop_call(self, slot, hard=False):
         """Ask the slot's worker to interrupt the running call (SIGUSR1), or to kill the executor (SIGKILL)."""
