@@ -146,9 +146,10 @@ remote_parallel_map(long_call, range(8), cluster=sys.argv[1], spinner=False)
 
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "client-killed"])
 def test_cancel_stops_running_calls(cluster, tmp_path, how):
+    """Ctrl-C cancels at once; a killed client's job is cancelled when its lease ends (here 2 s)."""
     script = tmp_path / "client.py"
     script.write_text(CLIENT)
-    env = dict(os.environ, BURLA_HEARTBEAT_INTERVAL="0.5")
+    env = dict(os.environ, BURLA_HEARTBEAT_INTERVAL="0.5", BURLA_JOB_LEASE="2")
     client = subprocess.Popen([sys.executable, str(script), cluster.address], stdout=subprocess.PIPE, env=env)
     try:
         client.stdout.readline()
@@ -163,7 +164,7 @@ def test_cancel_stops_running_calls(cluster, tmp_path, how):
         freed = time.monotonic() - start
         print(f"{signal.Signals(how).name} to the client: slots free after {freed:.2f} s")
         assert busy_slots(cluster) == 0
-        assert freed < (2.0 if how == signal.SIGINT else 5.0)
+        assert freed < (2.0 if how == signal.SIGINT else 9.0)  # (silence seen in 1.5 s, then the lease)
     finally:
         client.kill()
         client.wait()
