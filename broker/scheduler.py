@@ -987,6 +987,9 @@ class Scheduler:
         if payload is None:  # spooled: read back from the store
             payload = self.store.input(job.id, batch.start)
             if payload is None:
+                if self.store.rolled_back:  # (this turn's writes met a full disk)
+                    return self.reject(job, "spool", "the job was ended: the head's disk is full, and its inputs "
+                                                     "could not be kept")
                 log.warning("job %s: the inputs at %d are missing from the store", job.id.hex(), batch.start)
                 return self.reject(job, "store", f"the inputs from {batch.start} on were lost from the head's store")
         if job.digest in slot.functions:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from burla import remote_parallel_map
+from conftest import broker_only
 
 JOB_ID = re.compile(r"\b[0-9a-f]{16}\b")
 UNKNOWN = "0123456789abcdef"
@@ -363,8 +364,17 @@ def test_interrupted_follow_leaves_the_job_running(c, tmp_path):
     assert wait_ended(job).state == "done"
 
 
+@pytest.fixture(scope="module")
+def bare():
+    """A broker with no workers, shared: asking about ids needs no more."""
+    with broker_only() as b:
+        b.wait_for(0)
+        yield b
+
+
 @pytest.mark.parametrize("action", ["show", "logs", "attach", "results", "cancel"])
-def test_bad_and_unknown_ids(c, action):
+def test_bad_and_unknown_ids(bare, action):
+    c = bare
     for bad in ("xyz", "0123", UNKNOWN + "0", "g123456789abcdef"):
         r = jobs_cli(c, action, bad)
         assert r.returncode == 2, r
