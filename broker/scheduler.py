@@ -1064,9 +1064,11 @@ class Scheduler:
             if slot is not None and parent.owner == j.owner and slot.job is parent:
                 waiting.add(slot.name)
         for job in [j for j in self.jobs.values() if j.parent and j.queue and not j.slots]:
-            fitting = [s for w in self.workers.values() if w.could_fit(job)
-                       for s in map(self.slots.get, w.slots) if s is not None]
-            job.stuck = job.stuck + 1 if fitting and all(s.name in waiting for s in fitting) else 0
+            workers = [w for w in self.workers.values() if w.could_fit(job)]
+            fitting = [s for w in workers for s in map(self.slots.get, w.slots) if s is not None]
+            # (a slot restarting, or switching environment, may be about to take it: not stuck yet)
+            settling = any(len(w.slots) < w.nslots for w in workers) or any(s.preparing for s in fitting)
+            job.stuck = job.stuck + 1 if fitting and not settling and all(s.name in waiting for s in fitting) else 0
             if job.stuck >= 2:
                 self.reject(job, "nested", (
                     f"this nested remote_parallel_map can never start: all {len(fitting)} slots that could run it "

@@ -46,7 +46,8 @@ class SecureCluster:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                if len(cluster_state(self.address, 1, self.api_key)["workers"]) == 1:
+                workers = cluster_state(self.address, 1, self.api_key)["workers"]
+                if len(workers) == 1 and workers[0]["slots"] == 2:  # (both executors ready, not only the worker)
                     return
             except TimeoutError:
                 pass
