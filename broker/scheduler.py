@@ -628,7 +628,7 @@ class Scheduler:
     def on_heartbeat(self, ident, h, payload, role=None):
         if "c" in h:
             self.clients[h["c"]] = time.monotonic()
-            mine = [j for j in self.jobs.values() if j.client_id == h["c"] and j.owner == role]
+            mine = [j for j in self.jobs.values() if j.client_id == h["c"] and j.owner == role and not j.detached]
             for job in mine:
                 self.back(job)
             # answered on the client's heartbeat connection, which no large message holds up: a client judges
