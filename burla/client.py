@@ -184,6 +184,8 @@ class Stream:
         self.q = 0  # the last outbox entry this stream holds
         self.acked, self.unacked_bytes, self.acked_at = 0, 0, time.monotonic()
         self.outstanding = {}  # first index of a batch -> Pending, until every input of it has an outcome
+        self.outstanding_bytes = 0
+        self.learns_batches = False  # a reader meets batches first in their results (it sent none)
         self.complete = set()  # batches that have every outcome (a reader learns of batches from their results)
         self.slots = 0
         self.total = None
@@ -336,7 +338,7 @@ class Stream:
         start = header["i"]
         pending = self.outstanding.get(start)
         if pending is None:
-            if start in self.complete or not isinstance(self, Reader):
+            if start in self.complete or not self.learns_batches:
                 return []
             pending = self.outstanding[start] = Pending(header.get("n") or 1, 0)
         if header.get("t") and header.get("k"):
@@ -370,8 +372,6 @@ class Stream:
             self.complete.add(start)
         self.view.advance(sum(len(v) for _, v in runs), header.get("w"), len(failures))
         return [(start + k, v) for k, v in runs]
-
-    outstanding_bytes = 0
 
     def close(self, command, state="cancelled"):
         self.closed = True
@@ -583,6 +583,7 @@ class Reader(Stream):
     def __init__(self, conn, job_id, view, logs_only=False, reader=True, after=0):
         super().__init__(conn, job_id, view)
         self.logs_only, self.reader = logs_only, reader
+        self.learns_batches = True
         self.q = after  # (entries up to this one are not wanted)
         self.view.job_id(job_id.hex())
         self.info = None  # the latest ATTACHED

@@ -44,14 +44,20 @@ class UsageError(ValueError):
         return [f"UsageError: {self}"]
 
 
+def split_result_name(line, usage):
+    """(the line before `-> NAME`, NAME or None)."""
+    if "->" not in line:
+        return line, None
+    rest, _, name = line.rpartition("->")
+    name = name.strip()
+    if not name.isidentifier():
+        raise UsageError(f"-> must name a variable, not {name!r}\n{usage}")
+    return rest, name
+
+
 def parse(line):
     """(options for remote_parallel_map, loop target or None, iterable expression or None, result name or None)."""
-    rest, name = line, None
-    if "->" in line:
-        rest, _, name = line.rpartition("->")
-        name = name.strip()
-        if not name.isidentifier():
-            raise UsageError(f"-> must name a variable, not {name!r}\n{USAGE}")
+    rest, name = split_result_name(line, USAGE)
     options = {}
     while True:
         m = re.match(r"\s*--([a-z]+)(?:\s*=\s*|\s+)(\S+)", rest)
@@ -147,12 +153,7 @@ class BurlaMagics(Magics):
 
 def parse_line(line):
     """The line magic's (command, options, other words, result name or None)."""
-    rest, name = line, None
-    if "->" in line:
-        rest, _, name = line.rpartition("->")
-        name = name.strip()
-        if not name.isidentifier():
-            raise UsageError(f"-> must name a variable, not {name!r}\n{LINE_USAGE}")
+    rest, name = split_result_name(line, LINE_USAGE)
     words = rest.split()
     if not words:
         raise UsageError(f"line magic: {LINE_USAGE}\ncell magic: {USAGE}")
