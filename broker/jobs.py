@@ -71,12 +71,12 @@ class Outbox:
 
     def spill(self):
         """Move what is in memory to the store (Full if it does not fit: then nothing moved)."""
-        for k, (seq, command, header, payload, _) in enumerate(self.mem):
+        for seq, command, header, payload, _ in self.mem:
             try:
                 self.store.put_entry(self.job_id, seq, command, header, payload)
             except Exception:
-                for done in list(self.mem)[:k]:
-                    self.store.drop_entries(self.job_id, done[0])
+                # (the ones this spill wrote go again: they stay in memory)
+                self.store.forget("outbox", "job = ? AND seq > ? AND seq <= ?", (self.job_id, self.disk_hi, seq))
                 raise
         if self.mem:
             self.disk_hi = self.mem[-1][0]

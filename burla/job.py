@@ -145,8 +145,6 @@ class Job:
 
     def cancel(self):
         """Stop the job: queued inputs are dropped and running calls stopped. Its outcomes so far stay readable."""
-        from burla import client
-
         sock = self._conn.new_socket()
         try:
             P.send(sock, P.CANCEL, {"j": bytes.fromhex(self.id)})

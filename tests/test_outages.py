@@ -5,7 +5,6 @@ cancelled. The link is cut at the bridge, as a Wi-Fi drop would: the client's in
 import os
 import re
 import subprocess
-import sys
 import textwrap
 import time
 

@@ -1,7 +1,5 @@
 """The broker's scheduler driven without sockets: messages in, the messages it sends out recorded."""
 
-import time
-
 import pytest
 
 from burla import protocol as P
