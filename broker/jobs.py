@@ -14,6 +14,9 @@ from burla import protocol as P
 
 OUTBOX_MEMORY = 256 << 20  # a job's unacknowledged entries held in memory before they spill to disk
 LOG_KEEP = 64 << 20  # log text a job keeps for a client that is behind, away or detached; more is counted, dropped
+FAILURES_KEPT = 20  # failed inputs a job's record lists
+FAILURE_TEXT = 2000  # characters of a failure's message, and of its traceback's end, in a record
+BARS_KEPT = 64  # a running job's latest RESULTs in its record (a dashboard polling 4x a second merges them by seq)
 
 
 class Batch:
@@ -157,10 +160,17 @@ class Job:
         self.away = None  # monotonic time since when its client is away
         self.stored = False  # its definition is in the store (detached, or spilled, or loaded from there)
         self.outbox = None  # set by the scheduler
+        self.name = header.get("nm")  # what dashboards call it (its function, and its notebook cell)
+        self.failures = []  # the first FAILURES_KEPT failed inputs, for dashboards: {i, type, msg, tb}
+        self.bars = collections.deque(maxlen=BARS_KEPT)  # the latest RESULTs: [seq, slot, t0, t1, calls, failed]
+        self.bar_seq = 0
+        self.call_cancels = set()  # inputs whose calls alone were cancelled (option k), until their batch is done
         self.cursors = []  # of connections reading the outbox; the job's client's is cursors[0] when attached
         self.spooled = 0  # a detached job's inputs in the store (told to its client in SPOOLED)
 
     def complete(self, batch):
+        if self.call_cancels:
+            self.call_cancels.difference_update(range(batch.start, batch.start + batch.n))
         size = self.pending.pop(batch.start, None)
         if size is not None:
             self.pending_bytes -= size
@@ -170,10 +180,27 @@ class Job:
         """Inputs without an outcome, if all are in."""
         return self.total - self.done if self.sealed and self.total is not None else None
 
-    def record(self):
-        """The job as JOBS and STATUS describe it (its owner sees it)."""
+    def failed_call(self, error):
+        """Keep what a dashboard shows of a failed input (the first few, cut short: records travel in STATE)."""
+        if len(self.failures) < FAILURES_KEPT:
+            self.failures.append({"i": error["i"], "type": error["type"][:200], "msg": error["msg"][:FAILURE_TEXT],
+                                  "tb": error.get("tb", "")[-FAILURE_TEXT:]})
+
+    def ran(self, slot, seconds, calls, failed):
+        """A RESULT came: a bar of the task timeline, from about when its calls began to now."""
         now = time.time()
-        return {"id": self.id.hex(), "state": self.state, "done": self.done, "failed": self.failed,
+        self.bar_seq += 1
+        self.bars.append([self.bar_seq, slot, round(now - seconds, 3), round(now, 3), calls, failed])
+
+    def record(self, full=False):
+        """The job as JOBS and STATUS describe it (its owner sees it); full: with its failures and the latest bars
+        of its timeline (what a dashboard draws)."""
+        now = time.time()
+        extra = {}
+        if full:  # (an ended job's too: the bars of its last moments reach a dashboard that polls)
+            extra["failures"] = self.failures
+            extra["bars"] = list(self.bars)
+        return {"id": self.id.hex(), "name": self.name, **extra, "state": self.state, "done": self.done, "failed": self.failed,
                 "submitted": self.sent, "total": self.total if self.sealed or self.total else None,
                 "queued": sum(b.n for b in self.queue), "slots": len(self.slots), "started": self.started,
                 "elapsed": (self.finished or now) - self.started, "finished": self.finished,

@@ -12,6 +12,8 @@ import collections
 import logging
 import time
 
+import msgpack
+
 from burla import protocol as P
 from burla.broker.jobs import LOG_KEEP, OUTBOX_MEMORY, Batch, Cursor, Job, Outbox
 from burla.broker.store import Full
@@ -195,6 +197,8 @@ class Scheduler:
                     offsets = covered(h)
                     seen[h["i"]].update(offsets)
                     job.failed += len(h.get("e") or ()) + (len(offsets) - 1 if h.get("all") else 0)
+                    for error in h.get("e") or ():
+                        job.failed_call(error)
             job.done = sum(len(s) for s in seen.values())
             if row["state"] != "running":
                 job.state, job.reason, job.finished = row["state"], row["reason"], row["finished"]
@@ -524,7 +528,7 @@ class Scheduler:
                 records[job_id] = record
         for job in [*self.finished.values(), *self.jobs.values()]:
             if job.owner == role:
-                records[job.id] = job.record()
+                records[job.id] = job.record(full="j" in h)
         if "j" in h:
             records = {h["j"]: records[h["j"]]} if h["j"] in records else {}
         listed = sorted(records.values(), key=lambda r: -r["started"])[:1000]
@@ -542,12 +546,30 @@ class Scheduler:
         """CANCEL may come from another connection of the same owner (a dashboard, `burla jobs cancel`): then the
         job's client is told."""
         job = self.jobs.get(h["j"])
+        if job is not None and job.owner == role and "i" in h:
+            return self.cancel_calls(job, h["i"])
         if job is not None and job.owner == role:
             if ident != job.client and job.client is not None:
                 self.reject(job, "cancelled", "the job was cancelled from another connection (the JupyterLab "
                                               "panel, `burla jobs cancel`, or another process)", "cancelled")
             else:
                 self.drop_job(job.id, "cancelled", "cancelled")
+
+    def cancel_calls(self, job, indices):
+        """Cancel single calls (option k): a batch still queued skips them when it runs (TASK's cc); a slot that
+        holds one is told, and interrupts it if it is running. Each keeps an outcome (an error its client drops),
+        so the batch completes as any other."""
+        if not job.options.get("k"):
+            return
+        new = {i for i in indices if i < job.sent} - job.call_cancels
+        job.call_cancels |= new
+        for slot in list(job.slots):
+            for (job_id, start), (_, batch) in slot.inflight.items():
+                if job_id == job.id:
+                    here = [i for i in new if start <= i < start + batch.n]
+                    worker = self.workers.get(slot.worker_id)
+                    if here and worker is not None:
+                        self.send(worker.ident, P.KILL, {"s": slot.name, "j": job.id, "hard": 0, "i": here})
 
     def reject(self, job, kind, message, state="failed"):
         """End a job with an error its client is told: now, or when it attaches again."""
@@ -577,7 +599,7 @@ class Scheduler:
                 self.unbind(slot)
         self.dirty = True
         self.spooled.pop(job_id, None)
-        record = self.remember(job, kind)
+        self.remember(job, kind)
         if job.detached:
             try:
                 job.outbox.append(P.END, {"j": job.id, "st": state, "e": reason})
@@ -586,7 +608,7 @@ class Scheduler:
             self.finished[job.id] = job
             self.pump(job)
         else:
-            self.recent.appendleft(dict(record, owner=job.owner))
+            self.recent.appendleft(dict(job.record(full=True), owner=job.owner))
             for cursor in job.cursors:  # (followers, and a client that did not end it itself, hear how it ended)
                 if state != "done" or cursor.ident != job.client or job.client_id != job.header.get("c"):
                     self.offer(cursor.ident, P.END, {"j": job.id, "st": state, "e": reason}, ())
@@ -655,12 +677,12 @@ class Scheduler:
         if len(workers) > STATE_WORKERS:  # (a message stays under a frame)
             workers.sort(key=lambda w: -w["busy"])
             del workers[STATE_WORKERS:]
-        jobs = [j.record() for j in self.jobs.values() if role is None or j.owner == role]
+        jobs = [j.record(full=True) for j in self.jobs.values() if role is None or j.owner == role]
         finished = sorted((j for j in self.finished.values() if role is None or j.owner == role),
                           key=lambda j: -j.finished)[:50]
         recent = [{k: v for k, v in r.items() if k != "owner"} for r in self.recent
-                  if role is None or r["owner"] == role] + [j.record() for j in finished]
-        return {"workers": workers, "jobs": jobs, "recent": recent, "nworkers": len(self.workers)}
+                  if role is None or r["owner"] == role] + [j.record(full=True) for j in finished]
+        return fit({"workers": workers, "jobs": jobs, "recent": recent, "nworkers": len(self.workers)})
 
     def on_watch(self, ident, h, payload, role=None):
         new = ident not in self.watchers
@@ -776,6 +798,9 @@ class Scheduler:
             offsets = covered(dict(h, n=batch.n))
             job.done += len(offsets)
             job.failed += len(errors) + (len(offsets) - 1 if h.get("all") else 0)
+            for error in errors:
+                job.failed_call(error)
+            job.ran(slot.name, h.get("t", 0.0), len(offsets), len(errors))
             self.deliver(job, P.RESULT, dict(h, n=batch.n), payload)
             if errors and job.detached and not job.options.get("c"):
                 self.drop_job(job.id, "failed", f"input {errors[0]['i']} raised {errors[0]['type']}")
@@ -841,6 +866,7 @@ class Scheduler:
                 batch.skip.add(culprit)
                 job.done += 1
                 job.failed += 1
+                job.failed_call(error)
                 self.deliver(job, P.RESULT, {"j": job.id, "i": batch.start, "o": culprit, "k": 0, "e": [error],
                                              "f": 0, "n": batch.n})
                 if self.jobs.get(job.id) is not job:
@@ -983,6 +1009,10 @@ class Scheduler:
             header["x"] = batch.isolate
         if batch.skip:
             header["sk"] = sorted(batch.skip)
+        if job.call_cancels:
+            cancelled = [i - batch.start for i in job.call_cancels if batch.start <= i < batch.start + batch.n]
+            if cancelled:
+                header["cc"] = cancelled
         payload = batch.frames
         if payload is None:  # spooled: read back from the store
             payload = self.store.input(job.id, batch.start)
@@ -1074,6 +1104,20 @@ class Scheduler:
                     f"this nested remote_parallel_map can never start: all {len(fitting)} slots that could run it "
                     "are held by calls waiting for nested jobs. Give the outer job max_parallelism below the "
                     "cluster's slots, or add workers"))
+
+
+def fit(state):
+    """A STATE that packs into one frame: failures' tracebacks, then failures, then bars go while it does not."""
+    records = state["jobs"] + state["recent"]
+    for strip in (("failures", "tb"), ("failures",), ("bars",)):
+        if len(msgpack.packb(state)) <= P.FRAME_MAX - 1024:
+            break
+        for r in records:
+            if len(strip) == 2:
+                r[strip[0]] = [{k: v for k, v in f.items() if k != strip[1]} for f in r.get(strip[0], ())]
+            else:
+                r.pop(strip[0], None)
+    return state
 
 
 def describe_exit(code):

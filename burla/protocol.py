@@ -14,7 +14,7 @@ import struct
 import msgpack
 import zmq
 
-VERSION = b"B3"  # bumped whenever the wire changes: a peer of another version is told at once (VERSION_NOTICE)
+VERSION = b"B4"  # bumped whenever the wire changes: a peer of another version is told at once (VERSION_NOTICE)
 # Sent back to a peer whose message carries another protocol version: [b"", VERSION_NOTICE, {v, burla}], a form
 # every version after B1 understands, so a client or worker can say which versions meet and what to install.
 VERSION_NOTICE = b"burla-version"
@@ -27,9 +27,11 @@ SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, fn: frames of the
 #                dt?: 1 = detached (the inputs are spooled on the head's disk and the job needs no client),
 #                ls?: the job's lease, seconds its client may be away before the job is cancelled,
 #                re?: 1 = the same job again, to a broker that lost it (restarted), rs: outcomes the client has,
-#                sl?: the slots the client was told (its window of batches in flight, which it resends)
+#                sl?: the slots the client was told (its window of batches in flight, which it resends),
+#                nm?: what dashboards call the job (its function's name, and the notebook cell that started it)
 #                payload: [function frames, then the local packages zip's frames (when the env key has an archive)]
-# options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job}
+# options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job,
+#           k: 1 = its calls may be cancelled one by one (burla.Executor)}
 BATCH = b"B"  # {j, i, n, z: frame flags (see burla.serialize)}  payload: pickled inputs
 SEAL = b"N"  # {j, n}: the client has sent all n inputs (a detached job, or an attached one, is complete once every
 #              one has an outcome)
@@ -42,7 +44,8 @@ JOBS = b"J"  # {j?: one job} -> JOBS {jobs: [job records, see broker.scheduler.S
 END = b"E"  # client -> broker {j}: the client has every outcome; the broker forgets the job (a detached one is kept
 #             until its retention ends). broker -> client, the last entry of a detached job's outbox:
 #             {j, q, st: "done" | "failed" | "cancelled", e?: why}
-CANCEL = b"C"  # {j}
+CANCEL = b"C"  # {j, i?: [input indices]}: the job, or only the calls on these inputs (a job with option k: a
+#               queued one is skipped, a running one interrupted; each still has an outcome, which its client drops)
 STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...], recent: [...]}
 WATCH = b"O"  # {}: push STATE every WATCH_INTERVAL, and a copy of the LOG lines of the watcher's jobs, for the
 #               next WATCH_EXPIRY seconds (a dashboard renews it every second)
@@ -71,7 +74,8 @@ ENV = b"V"  # {w, k: env key, st: "step" | "ready" | "failed", m: what is happen
 SLOT_DIED = b"D"  # {w, s: slot name, code: exit code or -signal, at?: {j, i, o}: the input its call was running,
 #                    timeout?: 1 when the worker killed it for running past the call's deadline}
 # broker -> worker
-KILL = b"K"  # {s: slot name, j: job, hard: 0 = interrupt that job's running call (SIGUSR1), 1 = kill the executor}
+KILL = b"K"  # {s: slot name, j: job, hard: 0 = interrupt that job's running call (SIGUSR1), 1 = kill the executor,
+#              i?: [input indices]: interrupt the call only if it is on one of these (and skip them if still to run)}
 PREPARE = b"P"  # {s: [slot names], e: the job's env header, or {k: the worker's own key, own: 1}}
 #                 payload: [local packages zip frames] if any. Find or build that environment, then restart those
 #                 (idle) slots' executors in it; they say READY with its key. Also how a slot that changes owner
@@ -79,6 +83,7 @@ PREPARE = b"P"  # {s: [slot names], e: the job's env header, or {k: the worker's
 # executor (one slot) <-> broker
 READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid, env: key of its environment}
 TASK = b"T"  # {j, i, n, d, z, f: frames of the function in front (first TASK of a job on a slot), o: options,
+#               cc?: offsets of inputs whose calls were cancelled (option k): they fail without running,
 #               x: isolate from this offset, sk: offsets to skip (inputs that already failed by crashing
 #               executors), ak?: the owner's API key (for nested calls), with f}
 #               payload: [function frames,] inputs
@@ -205,11 +210,12 @@ SCHEMAS = {  # command -> (fields, required)
     SUBMIT: ({"j": JOB_ID, "c": binary(most=16), "d": binary(16), "fn": integer(1, 1 << 16), "n": optional(INDEX),
               "cpu": number(0, 1e6, above=True), "ram": number(0, 1e9), "gpu": GPU,
               "par": optional(integer(1, 1 << 31)),
-              "o": optional(record({"r": integer(0, 1000), "t": number(0, 1e9, above=True), "c": FLAG})),
+              "o": optional(record({"r": integer(0, 1000), "t": number(0, 1e9, above=True), "c": FLAG, "k": FLAG})),
               "pa": record({"j": JOB_ID, "s": SLOT}, ("j", "s")),
               "env": optional(record({"k": text(64, ENV_KEY), "lock": text(1 << 20), "py": text(256),
                                       "img": text(1024), "df": text(1 << 18)}, ("k",))),
-              "dt": FLAG, "ls": number(1, 30 * 86400), "re": FLAG, "rs": INDEX, "sl": integer(0, 1 << 20)},
+              "dt": FLAG, "ls": number(1, 30 * 86400), "re": FLAG, "rs": INDEX, "sl": integer(0, 1 << 20),
+              "nm": text(200)},
              ("j", "d")),
     BATCH: ({"j": JOB_ID, "i": INDEX, "n": integer(1, MAX_BATCH_ITEMS), "z": FLAGS}, ("j", "i", "n", "z")),
     SEAL: ({"j": JOB_ID, "n": INDEX}, ("j", "n")),
@@ -218,7 +224,7 @@ SCHEMAS = {  # command -> (fields, required)
              ("j", "q")),
     JOBS: ({"j": JOB_ID}, ()),
     END: ({"j": JOB_ID}, ("j",)),
-    CANCEL: ({"j": JOB_ID}, ("j",)),
+    CANCEL: ({"j": JOB_ID, "i": list_of(INDEX, 1 << 16)}, ("j",)),
     STATUS: ({}, ()),
     WATCH: ({}, ()),
     HEARTBEAT: ({"c": binary(most=16), "w": text(128), "j": JOB_ID}, ()),
@@ -267,9 +273,9 @@ def send(sock, command, header, payload=(), ident=None, flags=0):
     sock.send_multipart(frames, flags=flags, copy=False)
 
 
-def recv(sock):
+def recv(sock, flags=0):
     """Read one message from a DEALER: (command, header dict, payload frames as zmq.Frame)."""
-    return _parse(sock.recv_multipart(copy=False))
+    return _parse(sock.recv_multipart(flags, copy=False))
 
 
 def recv_routed(sock):

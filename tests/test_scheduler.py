@@ -214,3 +214,73 @@ def test_a_process_taking_over_a_job_whose_client_is_gone_gets_its_end(tmp_path)
     assert JOB not in s.jobs
     sent = wire.take(new)
     assert [m[1] for m in sent] == [P.RESULT, P.ATTACHED, P.RESULT, P.END] and sent[-1][2]["st"] == "done"
+
+
+def test_single_calls_are_cancelled_queued_or_running_and_only_by_their_owner(tmp_path):
+    s, wire, _ = cluster(tmp_path)
+    submit(s, 3, o={"c": 1, "k": 1})
+    s.dispatch()
+    (_, _, task, _), = wire.take(SLOT, P.TASK)  # input 0 is on the slot; 1 and 2 are queued
+    s.handle(b"intruder", "client:someone-else", P.CANCEL, {"j": JOB, "i": [0, 1]}, [])
+    assert not wire.take(WORKER, P.KILL) and not s.jobs[JOB].call_cancels  # (another owner's job: nothing)
+    s.handle(CLIENT, None, P.CANCEL, {"j": JOB, "i": [0, 2, 10 ** 9]}, [])
+    (_, _, kill, _), = wire.take(WORKER, P.KILL)
+    assert kill == {"s": "w/0", "j": JOB, "hard": 0, "i": [0]}  # the running one: interrupted there
+    assert s.jobs[JOB].call_cancels == {0, 2}  # (an input never sent is no call)
+    assert JOB in s.jobs  # the job goes on
+    s.handle(SLOT, None, P.RESULT, {"j": JOB, "i": 0, "o": 0, "k": 0, "f": 1, "w": "w/0",
+                                    "e": [P.error_record(0, "CallCancelled", "cancelled")]}, [b""])
+    s.handle(SLOT, None, P.READY, {"w": "w", "s": "w/0", "k": 1}, [])
+    s.dispatch()
+    (_, _, task, _), = wire.take(SLOT, P.TASK)
+    assert task["i"] == 1 and "cc" not in task
+    s.handle(SLOT, None, P.RESULT, {"j": JOB, "i": 1, "o": 0, "k": 1, "f": 1, "z": [0], "w": "w/0"}, [b"r"])
+    s.dispatch()
+    (_, _, task, _), = wire.take(SLOT, P.TASK)
+    assert task["i"] == 2 and task["cc"] == [0]  # the queued one: skipped by its executor, with an outcome
+    assert s.jobs[JOB].call_cancels == {2}  # (input 0's batch is done: forgotten)
+    # a job that did not ask for single cancels (no option k) ignores them
+    s2, wire2, _ = cluster(tmp_path / "other")
+    submit(s2, 1)
+    s2.dispatch()
+    s2.handle(CLIENT, None, P.CANCEL, {"j": JOB, "i": [0]}, [])
+    assert not wire2.take(WORKER, P.KILL) and JOB in s2.jobs
+
+
+def test_job_records_name_failures_and_bars_and_a_state_stays_within_a_frame(tmp_path):
+    s, wire, _ = cluster(tmp_path)
+    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": b"d" * 16, "fn": 1, "n": 40, "cpu": 1, "ram": 1,
+                                      "o": {"c": 1}, "nm": "my_function · cell [3]"}, [b"function"])
+    for start in range(0, 40, 10):
+        s.handle(CLIENT, None, P.BATCH, {"j": JOB, "i": start, "n": 10, "z": [0]}, [b"inputs"])
+    for _ in range(4):
+        s.dispatch()
+        (_, _, task, _), = wire.take(SLOT, P.TASK)
+        for k in range(10):  # one RESULT per failed input
+            error = P.error_record(task["i"] + k, "ValueError", "m" * 9000, "t" * 90_000)
+            s.handle(SLOT, None, P.RESULT, {"j": JOB, "i": task["i"], "o": k, "k": 0, "f": int(k == 9), "w": "w/0",
+                                            "t": 0.5, "e": [error]}, [b""])
+    record, = [r for r in s.state()["jobs"] + s.state()["recent"] if r["id"] == JOB.hex()]
+    assert record["name"] == "my_function · cell [3]" and record["failed"] == 40
+    assert len(record["failures"]) == 20 and record["failures"][0]["i"] == 0
+    assert len(record["failures"][0]["tb"]) == 2000  # (a traceback's end, cut short)
+    import msgpack
+
+    other = b"K" * 8
+    s.handle(CLIENT, None, P.SUBMIT, {"j": other, "c": b"c1", "d": b"d" * 16, "fn": 1, "cpu": 1, "ram": 1,
+                                      "o": {"c": 1}}, [b"function"])
+    s.handle(CLIENT, None, P.BATCH, {"j": other, "i": 0, "n": 1, "z": [0]}, [b"input"])
+    s.dispatch()
+    (_, _, task, _), = wire.take(SLOT, P.TASK)
+    s.handle(SLOT, None, P.RESULT, {"j": other, "i": 0, "o": 0, "k": 1, "f": 1, "z": [0], "w": "w/0", "t": 0.5},
+             [b"r"])
+    bar, = [r for r in s.state()["jobs"] if r["id"] == other.hex()][0]["bars"]  # a running job's timeline: [seq, slot, t0, t1, calls, failed]
+    assert bar[0] == 1 and bar[1] == "w/0" and bar[3] - bar[2] == pytest.approx(0.5, abs=0.01) and bar[4:] == [1, 0]
+    for k in range(30):  # many jobs with big failures: STATE drops what it must to stay one frame (tracebacks first)
+        s.handle(CLIENT, None, P.SUBMIT, {"j": bytes([k]) * 8, "c": b"c1", "d": b"d" * 16, "fn": 1, "cpu": 1,
+                                          "ram": 1}, [b"function"])
+    for job in s.jobs.values():
+        job.failures = [dict(f) for f in record["failures"]]
+    state = s.state()
+    assert len(msgpack.packb(state)) <= P.FRAME_MAX
+    assert all("tb" not in f for r in state["jobs"] for f in r.get("failures", ()))

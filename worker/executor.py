@@ -18,6 +18,7 @@ import traceback
 
 import zmq
 
+from burla import calling
 from burla import protocol as P
 from burla import security
 from burla import serialize
@@ -32,6 +33,11 @@ _repr.maxstring = _repr.maxother = 200
 
 class Cancelled(BaseException):
     """Raised inside a running call when its job is cancelled (the worker signals SIGUSR1)."""
+
+
+class CallCancelled(BaseException):
+    """Raised inside a running call when that call alone is cancelled (a burla.Executor future's cancel()); the
+    batch goes on. Its outcome is dropped by the client."""
 
 
 class Executor:
@@ -52,6 +58,7 @@ class Executor:
         self.calling = False  # in a user call: only then may SIGUSR1 raise Cancelled
         self.started = 0.0  # perf_counter() when the calls now running began (see end_processes)
         self.cancelled = collections.deque(maxlen=64)  # ids of jobs cancelled lately
+        self.call_cancels = set()  # (job, input index) of calls cancelled one by one
         self.control_buffer, self.reready = b"", False
         self.worker_pidfd = None  # in a container: readable once the worker has exited
 
@@ -109,6 +116,8 @@ class Executor:
         # only ever a call of the cancelled job: never our own work between calls, never another job's call
         if self.calling and self.job in self.cancelled:
             raise Cancelled("the job was cancelled")
+        if self.calling and (self.job, self.sink.start + len(self.sink.done)) in self.call_cancels:
+            raise CallCancelled("the call was cancelled")
 
     def read_control(self):
         """Read what the worker wrote: b"R" = say READY again; b"C" + job id = that job is cancelled.
@@ -128,11 +137,21 @@ class Executor:
                     break
                 self.cancelled.append(buf[1:9])
                 buf = buf[9:]
+            elif buf[:1] == b"I":  # one call: job id, input index
+                if len(buf) < 17:
+                    break
+                self.cancel_call(buf[1:9], int.from_bytes(buf[9:17], "little", signed=True))
+                buf = buf[17:]
             else:
                 self.reready = self.reready or buf[:1] == b"R"
                 buf = buf[1:]
         self.control_buffer = buf
         return True
+
+    def cancel_call(self, job, index):
+        if len(self.call_cancels) > 100_000:  # (kept for batches still to run; a bound, not a ledger)
+            self.call_cancels.clear()
+        self.call_cancels.add((job, index))
 
     def ready(self):
         with self.lock:
@@ -187,6 +206,10 @@ class Executor:
             first = isolate or 0
             info = error_info(e, start + first, "<not loaded>", "loading the function or inputs")
             return self.reply({"j": job, "i": start, "o": first, "k": 0, "e": [info], "all": 1, "f": 1}, [], [e])
+        if options.get("k"):  # calls that may be cancelled one by one: each is checked before it begins
+            for offset in header.get("cc") or ():
+                self.cancel_call(job, start + offset)
+            function = self.skipping_cancelled(function, job)
         if isolate is not None:
             return self.run_isolated(job, start, function, inputs, isolate, set(header.get("sk") or ()), options)
         one_by_one = options.get("r") or options.get("t")
@@ -208,6 +231,15 @@ class Executor:
             k = end
             if stop:
                 break
+
+    def skipping_cancelled(self, function, job):
+        sink, cancels = self.sink, self.call_cancels
+
+        def call(value):
+            if cancels and (job, sink.start + len(sink.done)) in cancels:
+                raise CallCancelled("the call was cancelled")
+            return function(value)
+        return call
 
     def run_isolated(self, job, start, function, inputs, first, skip, options):
         """After this batch crashed an executor: one input at a time, each announced in the WHERE record and
@@ -261,7 +293,7 @@ class Executor:
                 signal.setitimer(signal.ITIMER_REAL, timeout)
             try:
                 return function(value)
-            except Cancelled:
+            except (Cancelled, CallCancelled):
                 raise
             except BaseException as e:
                 if attempt == retries:
@@ -398,8 +430,8 @@ def on_timeout(*_):
 
 def error_info(exc, index, value, while_=None):
     tb = exc.__traceback__
-    # Leave out the executor's own frames: the user's frames are the story.
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    # Leave out the executor's own frames, and burla.calling's wrappers: the user's frames are the story.
+    while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, calling.__file__):
         tb = tb.tb_next
     text = "".join(traceback.format_exception(type(exc), exc, tb))
     if while_:
@@ -440,7 +472,7 @@ def stopped_by_us(error):
     from burla.errors import CallTimeoutError
 
     for _ in range(8):
-        if isinstance(error, (Cancelled, CallTimeoutError)):
+        if isinstance(error, (Cancelled, CallCancelled, CallTimeoutError)):
             return True
         if error is None:
             return False
