@@ -20,7 +20,7 @@ import weakref
 
 import zmq
 
-from burla import config, env, errors, protocol as P, security, serialize
+from burla import calling, config, env, errors, protocol as P, security, serialize
 from burla.progress import create as create_view
 
 TARGET_BATCH_SECONDS = 0.1
@@ -201,9 +201,7 @@ class Stream:
         except zmq.Again:
             self.closed = True  # this socket is stuck: close it rather than pool it
             self.sock.close(0)
-            raise errors.ClusterConnectionError(
-                f"could not reach the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
-                "(is it running, and is the API key right?)") from None
+            raise errors.ClusterConnectionError(unreachable(self.conn.address, "could not reach")) from None
 
     def attach(self, reader=False, logs_only=False):
         """Ask for every outbox entry after the last one held, then ATTACHED."""
@@ -347,6 +345,7 @@ class Stream:
         flags = header.get("z") or []
         offset = header.get("o", 0)
         failures = header.get("e") or []
+        failed = len(failures)
         values = serialize.unpack_items(flags, payload[:len(flags)]) if flags else []
         if values:
             size = sum(len(f) for f in payload[:len(flags)]) / len(values)
@@ -359,19 +358,28 @@ class Stream:
         if failures:
             exceptions = [remote_exception(info, payload[len(flags) + k:len(flags) + k + 1])
                           for k, info in enumerate(failures)]
-            if not self.return_exceptions:
-                self.view.advance(0, header.get("w"), 1)
+            self.failed_calls(exceptions)
+            for info in failures:
+                self.view.failure(info["i"], info["type"], info["msg"], with_source_lines(info.get("tb", "")),
+                                  info.get("input", ""))
+            if not self.return_exceptions:  # (the outcomes that came, the failed one too, as the broker counts)
+                self.view.advance(len(values) + len(failures), header.get("w"), len(failures), header.get("t"))
                 raise exceptions[0]
             values = values + exceptions
             if header.get("all"):  # one error for every input of the batch from the offset on
-                values += [exceptions[0]] * (pending.n - offset - len(values))
+                extra = pending.n - offset - len(values)
+                values += [exceptions[0]] * extra
+                failed += max(extra, 0)
         runs = pending.take(offset, values)
         if pending.left == 0:
             del self.outstanding[start]
             self.outstanding_bytes -= pending.size
             self.complete.add(start)
-        self.view.advance(sum(len(v) for _, v in runs), header.get("w"), len(failures))
+        self.view.advance(sum(len(v) for _, v in runs), header.get("w"), failed, header.get("t"))
         return [(start + k, v) for k, v in runs]
+
+    def failed_calls(self, exceptions):
+        """The exceptions of a RESULT's failed calls (an Executor tells them from results by identity)."""
 
     def close(self, command, state="cancelled"):
         self.closed = True
@@ -391,14 +399,14 @@ class Job(Stream):
     the job (restarted) gets it again and no input is lost."""
 
     def __init__(self, conn, function_, inputs, cpu, ram, gpu, parallelism, spinner, options, environment=None,
-                 detached=False):
+                 detached=False, view=None, name=None):
         try:
             function_bytes, digest = serialize.dumps_function(function_)
         except Exception as e:
             raise TypeError(f"the function {getattr(function_, '__qualname__', function_)!r} could not be "
                             f"pickled: {e}") from e
         inputs_total = len(inputs) if hasattr(inputs, "__len__") else None
-        view = create_view(spinner and not detached, inputs_total)
+        view = view or create_view(spinner and not detached, inputs_total)
         super().__init__(conn, os.urandom(8), view, bool(options.get("c")))
         self.inputs = iter(inputs)
         self.total = inputs_total
@@ -423,6 +431,8 @@ class Job(Stream):
         self.spooled = 0  # a detached job's inputs the broker has on disk
         self.seal_sent = False
         self.view.job_id(self.id.hex())
+        header["nm"] = name or job_name(function_)
+        self.view.name(header["nm"])
         self.send(P.SUBMIT, header, payload)
 
     # ---------------------------------------------------------------- sending
@@ -460,9 +470,9 @@ class Job(Stream):
             self.seal_sent = True
             self.send(P.SEAL, {"j": self.id, "n": self.sent})
 
-    def send_batch(self, items):
+    def send_batch(self, items, packed=None):
         try:
-            flags, frames = serialize.pack_items(items, self.conn.compress)
+            flags, frames = packed or serialize.pack_items(items, self.conn.compress)
         except Exception:
             for k, item in enumerate(items):
                 try:
@@ -538,13 +548,13 @@ class Job(Stream):
             self.fill()
             while self.outstanding or not self.exhausted:
                 if self.accepted is None and time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
-                    raise errors.ClusterConnectionError(
-                        f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s "
-                        "(is it running, and is the API key right?)")
+                    raise errors.ClusterConnectionError(unreachable(self.conn.address))
                 for run in self.receive():
                     yield run
                 self.fill()
             self.close(P.END, "done")  # (which acknowledges everything)
+        except errors.JobCancelledError:
+            raise  # (cancelled elsewhere: the panel, another process of the same user)
         except Exception:
             state = "failed"
             raise
@@ -630,6 +640,33 @@ class Reader(Stream):
         state = self.ended[0] if self.ended else "running"
         return state if state in ("done", "failed", "cancelled") else "running"
 
+def unreachable(address, what="no word from"):
+    """Why a job could not start: the broker did not answer. An ipc:// path with nothing there is said plainly
+    (a cluster that was stopped, the JupyterLab panel's say); a TCP broker may be down, or refuse the key."""
+    if address.startswith("ipc://") and not os.path.exists(address[len("ipc://"):]):
+        return (f"no burla broker is listening at {address}: nothing is there (the cluster was stopped, or never "
+                "started; in JupyterLab, start it from the burla panel, or unset BURLA_CLUSTER for a cluster of "
+                "this process's own)")
+    return (f"{what} the burla broker at {address} for {SILENCE_LIMIT:.0f} s (is it running, and is the API key "
+            "right?)")
+
+
+def job_name(function_):
+    """What a job is called where it is shown: its function, and in a notebook the cell that started it."""
+    if isinstance(function_, (calling.Star, calling.Call)):
+        function_ = function_.function
+    name = getattr(function_, "__qualname__", None) or type(function_).__qualname__
+    from burla.progress import in_kernel
+
+    if in_kernel():
+        from IPython import get_ipython
+
+        count = getattr(get_ipython(), "execution_count", None)  # (the next cell's, while a cell runs)
+        if count and count > 1:
+            name = f"{name} · cell [{count - 1}]"
+    return name[:200]
+
+
 class Pending:
     """A batch sent and not yet complete: which of its n inputs have an outcome."""
 
@@ -711,6 +748,35 @@ def remote_exception(info, frames):
     return exc
 
 
+def job_settings(func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None, retries=0, timeout=None,
+                 return_exceptions=False, packages=None, image=None, dockerfile=None):
+    """What a job asks of the cluster, checked: Job's keyword arguments (remote_parallel_map's and Executor's)."""
+    for name, value, most in (("func_cpu", func_cpu, 1e6), ("func_ram", func_ram, 1e9)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
+            raise ValueError(f"{name} must be a positive, finite number, not {value!r}")
+    if func_gpu is not None and not (
+            (isinstance(func_gpu, int) and not isinstance(func_gpu, bool) and 0 <= func_gpu <= 1024) or
+            (isinstance(func_gpu, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}(:[1-9][0-9]{0,3})?", func_gpu))):
+        raise ValueError(f"func_gpu must be None, a count or a GPU type like 'A100' or 'A100:2', not {func_gpu!r}")
+    if max_parallelism is not None and (not isinstance(max_parallelism, int) or isinstance(max_parallelism, bool)
+                                        or not 1 <= max_parallelism < 2 ** 31):
+        raise ValueError(f"max_parallelism must be a positive integer or None, not {max_parallelism!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000:
+        raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or
+                                not 0 < timeout <= 1e9):
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+    options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
+    if image is not None or dockerfile is not None:
+        if packages is not None:
+            raise ValueError("an image brings its own packages: give packages= or image=/dockerfile=, not both")
+        environment = env.image(image, dockerfile)
+    else:
+        environment = env.for_job(packages)
+    return {"cpu": func_cpu, "ram": func_ram, "gpu": func_gpu, "parallelism": max_parallelism, "options": options,
+            "environment": environment}
+
+
 def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None,
                         generator=False, spinner=True, retries=0, timeout=None, return_exceptions=False,
                         packages=None, image=None, dockerfile=None, api_key=None, cluster=None, parallelism=None,
@@ -744,34 +810,16 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
         iter(inputs)
     except TypeError:
         raise TypeError(f"inputs must be an iterable, not {type(inputs).__name__}") from None
-    for name, value, most in (("func_cpu", func_cpu, 1e6), ("func_ram", func_ram, 1e9)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
-            raise ValueError(f"{name} must be a positive, finite number, not {value!r}")
-    if func_gpu is not None and not (
-            (isinstance(func_gpu, int) and not isinstance(func_gpu, bool) and 0 <= func_gpu <= 1024) or
-            (isinstance(func_gpu, str) and re.fullmatch(r"[A-Za-z0-9._-]{1,64}(:[1-9][0-9]{0,3})?", func_gpu))):
-        raise ValueError(f"func_gpu must be None, a count or a GPU type like 'A100' or 'A100:2', not {func_gpu!r}")
     if parallelism is not None:
         if max_parallelism is not None and parallelism != max_parallelism:
             raise ValueError("give max_parallelism or parallelism, not both")
         max_parallelism = None if parallelism == -1 else parallelism
-    if max_parallelism is not None and (not isinstance(max_parallelism, int) or isinstance(max_parallelism, bool)
-                                        or not 1 <= max_parallelism < 2 ** 31):
-        raise ValueError(f"max_parallelism must be a positive integer or None, not {max_parallelism!r}")
     if verbose is not None:
         spinner = verbose
-    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000:
-        raise ValueError(f"retries must be a non-negative integer, not {retries!r}")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or
-                                not 0 < timeout <= 1e9):
-        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
-    options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
-    if image is not None or dockerfile is not None:
-        if packages is not None:
-            raise ValueError("an image brings its own packages: give packages= or image=/dockerfile=, not both")
-        environment = env.image(image, dockerfile)
-    else:
-        environment = env.for_job(packages)
+    settings = job_settings(func_cpu, func_ram, func_gpu, max_parallelism, retries, timeout, return_exceptions,
+                            packages, image, dockerfile)
+    if calling.wants_unpacking(function_):  # f(a, b) over [(1, 2), ...]: each tuple is its arguments
+        function_ = calling.Star(function_)
 
     if detach:
         if generator:
@@ -780,26 +828,37 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
         if conn.local:
             warnings.warn("detach=True on the embedded cluster: it stops when this process ends, and its jobs with "
                           "it; point cluster= at a burla broker for jobs that outlive this process", stacklevel=2)
-        job = Job(conn, function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner, options,
-                  environment, detached=True)
+        job = Job(conn, function_, inputs, spinner=spinner, detached=True, **settings)
         job.upload()
         from burla.job import Job as Handle
 
         return Handle(job.id.hex(), conn=conn)
-    job = Job(connection(cluster, api_key), function_, inputs, func_cpu, func_ram, func_gpu, max_parallelism, spinner,
-              options, environment)
+    job = Job(connection(cluster, api_key), function_, inputs, spinner=spinner, **settings)
     if generator:
         job.fill()  # work starts now, not at the first next()
-        results = (value for _, values in job.batches() for value in values)
+        results = generate(job.batches())
         weakref.finalize(results, job.abandon)  # a generator dropped unfinished (or never started) cancels its job
         return results
     results = []
-    for start, values in job.batches():
-        end = start + len(values)
-        if len(results) < end:
-            results.extend([None] * (end - len(results)))
-        results[start:end] = values
+    try:
+        for start, values in job.batches():
+            end = start + len(values)
+            if len(results) < end:
+                results.extend([None] * (end - len(results)))
+            results[start:end] = values
+    except Exception as e:
+        raise errors.shown(e)
     return results
+
+
+def generate(batches):
+    """The values of (start, values) runs, one by one; a remote error is raised from here, not from inside burla."""
+    __tracebackhide__ = True
+    try:
+        for _, values in batches:
+            yield from values
+    except Exception as e:
+        raise errors.shown(e)
 
 
 def request(conn, command, header, timeout=5.0):

@@ -1,5 +1,8 @@
 """Exceptions a user of burla may catch."""
 
+import sys
+import types
+
 
 class BurlaError(Exception):
     """Base of the errors burla itself raises."""
@@ -57,3 +60,43 @@ class RemoteTraceback(Exception):
 
     def __str__(self):
         return self.tb
+
+
+def shown(exc):
+    """exc as the user should see it: a remote call's exception, or burla's own error, without the frames inside
+    burla. Raised again, its traceback starts at the caller's line; IPython, which always shows the last frame
+    (here burla's raise), draws it through _render_traceback_ (the hook ipyparallel's remote errors use), which
+    leaves burla's frames out. Any other exception keeps its frames: it may be burla's bug."""
+    if isinstance(exc, BurlaError) or hasattr(exc, "burla_input_index"):
+        exc = exc.with_traceback(None)
+        if "IPython" in sys.modules:
+            try:
+                exc._render_traceback_ = _UserFrames(exc)
+            except (AttributeError, TypeError):  # (an exception type without a __dict__)
+                pass
+    return exc
+
+
+class _UserFrames:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def __call__(self):
+        exc = self.exc
+        entries, tb = [], exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if not (frame.f_globals.get("__name__", "").startswith("burla") or frame.f_locals.get("__tracebackhide__")):
+                entries.append(tb)
+            tb = tb.tb_next
+        tb = None
+        for entry in reversed(entries):
+            tb = types.TracebackType(tb, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is None:
+            import traceback
+
+            return "".join(traceback.format_exception(type(exc), exc, tb)).splitlines()
+        return shell.InteractiveTB.structured_traceback(type(exc), exc, tb)

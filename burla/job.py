@@ -79,6 +79,8 @@ class Job:
         try:
             for _, values in stream.runs():
                 yield from values
+        except Exception as e:
+            raise errors.shown(e)
         finally:
             stream.leave()
         state, why = stream.ended
@@ -100,6 +102,8 @@ class Job:
                 for k, value in enumerate(values):
                     results[start + k] = value
                 filled += len(values)
+        except Exception as e:
+            raise errors.shown(e)
         finally:
             stream.leave()
         state, why = stream.ended

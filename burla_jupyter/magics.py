@@ -119,6 +119,7 @@ class BurlaMagics(Magics):
             return self.line_magic(line)
         options, target, iterable, name = parse(line)
         function = cell_function(self.shell, cell, target)
+        function.__qualname__ = f"%%burla {target} in {iterable}" if target else "%%burla"  # (what the job is called)
         if target is None:
             results = remote_parallel_map(function, [None], **options)[0]
         else:
