@@ -58,6 +58,10 @@ class Burla:
     def map(self, f, items, chunksize=None):
         return self.rpm(f, items, spinner=False)
 
+    def executor(self):
+        import burla
+        return burla.Executor(spinner=False)
+
     def close(self):
         from burla import local
         local.stop()
@@ -89,6 +93,9 @@ class PPE:
 
     def map(self, f, items, chunksize=None):
         return list(self.ex.map(f, items, chunksize=chunksize or 1))
+
+    def executor(self):
+        return self.ex
 
     def close(self):
         self.ex.shutdown(wait=True, cancel_futures=True)
@@ -260,9 +267,24 @@ def case_memory(p, n):
     return {"v": (peak - base) / 2**20, "s": elapsed}
 
 
+def case_submit(p, n):
+    """n["tiny"] calls one by one through concurrent.futures' submit(), until every future is done."""
+    import concurrent.futures
+
+    p.start()
+    ex = p.executor()
+    concurrent.futures.wait([ex.submit(double, i) for i in range(1000)])  # warm-up
+    t = time.perf_counter()
+    futures = [ex.submit(double, i) for i in range(n["tiny"])]
+    concurrent.futures.wait(futures)
+    v = time.perf_counter() - t
+    assert futures[-1].result() == 2 * (n["tiny"] - 1)
+    return {"v": v}
+
+
 CASES = {"warm": case_warm, "cold": case_cold, "tiny": case_tiny, "sleep": case_sleep, "big": case_big,
-         "memory": case_memory}
-ONLY = {"memory": ("burla", "pool")}  # cases that not every peer runs
+         "memory": case_memory, "submit": case_submit}
+ONLY = {"memory": ("burla", "pool"), "submit": ("burla", "ppe", "loky")}  # cases that not every peer runs
 
 
 def child(args):
@@ -349,6 +371,8 @@ def cell(case, r, n, workers):
         return f"{v:.2f} s ({100 * n['sleep'] * 0.01 / workers / v:.1f}%)"
     if case == "big":
         return f"{v:.2f} s"
+    if case == "submit":
+        return f"{v:.3f} s ({n['tiny'] / v / 1e3:.0f}k/s)"
     return f"{v:.1f} MiB ({r['s']:.2f} s)"
 
 
@@ -357,11 +381,13 @@ def goal(case, res, n, workers):
     b, pool = res["burla"].get("v"), res.get("pool", {}).get("v")
     vs_pool = pool / b if b and pool else None
     texts = {"warm": "<= 1 ms", "cold": "<= 0.3 s", "tiny": ">= 3M calls/s and >= 0.5x Pool best",
-             "sleep": ">= 98% of ideal", "big": ">= 1.0x Pool", "memory": "RSS growth <= 30 MiB"}
+             "sleep": ">= 98% of ideal", "big": ">= 1.0x Pool", "memory": "RSS growth <= 30 MiB",
+             "submit": "<= 3x burla's tiny (remote_parallel_map)"}
     if b is None:
         return texts[case], None
+    tiny = res.get("tiny_burla")
     met = {"warm": b <= 1, "cold": b <= 0.3, "sleep": n["sleep"] * 0.01 / workers / b >= 0.98,
-           "memory": b <= 30,
+           "memory": b <= 30, "submit": None if not tiny else b <= 3 * tiny,
            "tiny": n["tiny"] / b >= 3e6 and (vs_pool is None or vs_pool >= 0.5),
            "big": None if vs_pool is None else vs_pool >= 1.0}[case]
     return texts[case], met
@@ -375,7 +401,8 @@ def parent(args):
               "tiny": f"{n['tiny']:,} tiny calls (x*2)",
               "sleep": f"{n['sleep']:,} calls sleeping 10 ms (% of ideal)",
               "big": f"{n['big']:,} calls with 1 MiB inputs",
-              "memory": f"client RSS growth over {n['memory']:,} inputs"}
+              "memory": f"client RSS growth over {n['memory']:,} inputs",
+              "submit": f"{n['tiny']:,} submit() calls of x*2, until all are done"}
     started = time.time()
     results = {}
     for case in args.cases:
@@ -418,6 +445,7 @@ def parent(args):
     ]
     for case in args.cases:
         res = {p: results[case, p] for p in peers}
+        res["tiny_burla"] = results.get(("tiny", "burla"), {}).get("v")
         cells = [("—" if "none" in res[p] else cell(case, res[p], n, args.workers)) for p in peers]
         others = [(res[p]["v"], p) for p in peers if p != "burla" and "v" in res[p]]
         b = res.get("burla", {}).get("v")
@@ -442,6 +470,8 @@ def parent(args):
         f"- sleep: ideal = calls x 10 ms / {args.workers} workers.",
         "- memory: only burla (generator in, generator=True out) and mp.Pool.imap_unordered(chunksize=10000); "
         "growth of the client's RSS from just before the map to its peak (sampled every 10 ms).",
+        "- submit: ProcessPoolExecutor, loky and burla.Executor, one submit() per call in a loop, then "
+        "concurrent.futures.wait on all; its goal compares burla.Executor with burla's own tiny case.",
         "- n/a = library not installed; fail/timeout = the run did not produce a result; — = not run.",
     ]
     table = "\n".join(lines) + "\n"
