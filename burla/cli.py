@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("worker", help="run a worker that joins a broker")
-    p.add_argument("--broker", required=True, help="the broker's address, e.g. tcp://HOST:5555")
+    p.add_argument("--broker", required=True, help="the broker's address, e.g. tcp://HOST:5555 (or HOST:5555)")
     p.add_argument("--slots", type=int, help="calls run at once (default: cpu count)")
     p.add_argument("--cpu", type=float, help="cpus to advertise (default: this host's)")
     p.add_argument("--ram", type=float, help="GB of RAM to advertise (default: this host's)")
@@ -55,14 +55,19 @@ def main(argv=None):
                         "answers)")
     p.add_argument("--parent-fd", type=int, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("login", help="save a cluster's address and API key in ~/.burla/config.toml")
-    p.add_argument("cluster", help="the broker's address, tcp://HOST:PORT")
+    p = sub.add_parser("login", help="save a cluster's address and API key in ~/.burla/config.toml, then check "
+                                     "that its broker answers")
+    p.add_argument("cluster", help="the broker's address, tcp://HOST:PORT (or HOST:PORT)")
     p.add_argument("--api-key", required=True, help="an API key printed by `burla broker` (bk1-...)")
 
     p = sub.add_parser("status", help="list a cluster's workers and jobs")
     p.add_argument("--cluster", help="broker address (default: $BURLA_CLUSTER or ~/.burla/config.toml)")
     p.add_argument("--api-key", help="API key (default: $BURLA_API_KEY or ~/.burla/config.toml)")
     p.add_argument("--json", action="store_true", help="print the raw state as JSON")
+    p.add_argument("-w", "--watch", action="store_true",
+                   help="a live view of the workers and jobs, refreshed until Ctrl-C")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes with --watch "
+                                                               "(default %(default)s)")
 
     add_jobs_parser(sub)
 
@@ -96,7 +101,7 @@ def main(argv=None):
     elif args.command == "worker":
         import os
 
-        from burla import security
+        from burla import config, security
         from burla.worker.worker import main as worker_main
 
         if args.slots is not None and not 1 <= args.slots <= 100_000:
@@ -105,6 +110,10 @@ def main(argv=None):
 
         if args.name is not None and not protocol.NAME.fullmatch(args.name):
             parser.error("--name: letters, digits and ._:@+- only (at most 128, starting with a letter or digit)")
+        try:
+            args.broker = config.normalize_address(args.broker, "--broker ")
+        except ValueError as e:
+            parser.error(str(e))
         token = os.environ.pop("BURLA_WORKER_TOKEN", None)
         if args.token_file:
             try:
@@ -127,13 +136,7 @@ def main(argv=None):
                     token if args.broker.startswith("tcp://") else None, args.env_cache, args.env_cache_gb,
                     args.containers)
     elif args.command == "login":
-        from burla import config, security
-
-        try:
-            security.parse(args.api_key, security.CLIENT)
-        except ValueError as e:
-            parser.error(f"--api-key: {e}")
-        print(f"saved to {config.save(cluster=args.cluster, api_key=args.api_key)}")
+        return login(args, parser)
     elif args.command == "status":
         return status(args)
     elif args.command == "jobs":
@@ -146,7 +149,13 @@ def broker(args):
     import os
 
     from burla.broker.broker import main as broker_main
+    from burla.config import normalize_address
 
+    try:
+        args.bind = normalize_address(args.bind, "--bind ", bind=True)
+    except ValueError as e:
+        print(f"burla broker: {e}", file=sys.stderr)
+        return 2
     keys = None
     if args.bind.startswith("tcp://") and not args.insecure:
         from burla.security import BrokerKeys
@@ -172,17 +181,75 @@ def broker(args):
     return broker_main(args.bind, args.parent_fd, keys, args.state_dir, args.spool_gb, args.retention * 86400)
 
 
+def plural(n, word):
+    """ "1 worker", "2 workers": a count and its noun, which agree."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def login(args, parser):
+    """Save the address and key, then ask the broker for its status: a wrong address or key shows now, not at the
+    first job (saved either way: the broker may simply not be up yet)."""
+    from burla import config, security
+    from burla.client import cluster_state
+
+    try:
+        address = config.normalize_address(args.cluster, "")
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        security.parse(args.api_key, security.CLIENT)
+    except ValueError as e:
+        parser.error(f"--api-key: {e}")
+    print(f"saved to {config.save(cluster=address, api_key=args.api_key)}")
+    try:
+        state = cluster_state(address, timeout=3.0, api_key=args.api_key)
+    except TimeoutError:
+        print(f"burla login: warning: no answer from a burla broker at {address} within 3 s: the address or the "
+              "API key may be wrong, or the broker is not running (saved anyway)", file=sys.stderr)
+        return 0
+    except Exception as e:  # (another burla version, say): still saved
+        print(f"burla login: warning: the broker at {address} did not answer as expected: {e} (saved anyway)",
+              file=sys.stderr)
+        return 0
+    workers = state.get("workers") or []
+    count = state.get("nworkers", len(workers))
+    print(f"the broker at {address} answered: {plural(count, 'worker')}, "
+          f"{plural(sum(w.get('slots', 0) for w in workers), 'slot')}")
+    return 0
+
+
+def _status_address(args):
+    """(address, None), or (None, exit status) after saying what is wrong: no cluster, a malformed address or key."""
+    from burla import config, security
+
+    try:
+        address = config.cluster_address(args.cluster)
+        if address == "local":
+            print("burla status: no cluster configured (the embedded cluster lives only inside a running program); "
+                  "pass --cluster tcp://HOST:PORT or set BURLA_CLUSTER", file=sys.stderr)
+            return None, 2
+        key = config.api_key(args.api_key)
+        if address.startswith("tcp://") and key:
+            security.parse(key, security.CLIENT)
+    except ValueError as e:
+        print(f"burla status: {e}", file=sys.stderr)
+        return None, 2
+    return address, None
+
+
 def status(args):
     import json
 
     from burla.client import cluster_state
-    from burla.config import cluster_address
 
-    address = cluster_address(args.cluster)
-    if address == "local":
-        print("no cluster configured (the embedded cluster lives only inside a running program); "
-              "pass --cluster tcp://HOST:PORT or set BURLA_CLUSTER", file=sys.stderr)
-        return 2
+    address, code = _status_address(args)
+    if address is None:
+        return code
+    if args.watch:
+        if not 0.05 <= args.interval <= 3600:
+            print("burla status: --interval must be between 0.05 and 3600 seconds", file=sys.stderr)
+            return 2
+        return status_watch(address, args.api_key, args.interval)
     try:
         state = cluster_state(address, api_key=args.api_key)
     except TimeoutError as e:
@@ -191,16 +258,118 @@ def status(args):
     if args.json:
         print(json.dumps(state, indent=2))
         return 0
-    print(f"cluster {address}: {len(state['workers'])} workers, "
-          f"{sum(w['slots'] for w in state['workers'])} slots, {len(state['jobs'])} jobs")
-    for w in state["workers"]:
+    workers = state["workers"]
+    print(f"cluster {address}: {plural(state.get('nworkers', len(workers)), 'worker')}, "
+          f"{plural(sum(w['slots'] for w in workers), 'slot')}, {plural(len(state['jobs']), 'job')}")
+    for w in workers:
         gpus = ",".join(w["gpu"]) or "-"
         print(f"  worker {w['id']:<24} host {w['host']:<16} slots {w['busy']}/{w['slots']} busy  "
               f"cpu {w['cpu']:g}  ram {w['ram']:.1f} GB  gpu {gpus}")
     for j in state["jobs"]:
-        print(f"  job {j['id']}  done {j['done']}/{j['submitted']}  queued {j['queued']}  "
+        name = f"  {j['name']}" if j.get("name") else ""
+        print(f"  job {j['id']}{name}  done {_progress(j)}  failed {j.get('failed', 0)}  queued {j['queued']}  "
               f"slots {j['slots']}  {j['elapsed']:.1f} s")
     return 0
+
+
+def _progress(j):
+    """done/total of a job record; while its inputs still arrive (total unknown), how many came so far."""
+    if j.get("total") is not None:
+        return f"{j['done']:,}/{j['total']:,}"
+    return f"{j['done']:,}/? ({j.get('submitted', 0):,} sent so far)"
+
+
+def status_watch(address, api_key, interval):
+    """`burla status --watch`: ask the broker every interval and redraw; a broker that stops answering is said in
+    the view (with what it last said) while we go on asking. Ctrl-C ends it: exit 0."""
+    import time
+
+    from burla.client import cluster_state
+
+    try:
+        from rich.console import Console
+        from rich.live import Live
+
+        state, error, heard = None, None, None
+        with Live(console=Console(), auto_refresh=False, transient=False) as live:
+            live.update(watch_view(address, None, None, None, interval), refresh=True)
+            while True:
+                asked = time.monotonic()
+                try:
+                    state, error, heard = cluster_state(address, timeout=max(2.0, interval), api_key=api_key), \
+                        None, time.time()
+                except TimeoutError:
+                    error = f"no answer from the broker at {address} (retrying)"
+                except Exception as e:  # (a broker of another burla version, say): said, and asked again
+                    error = f"the broker at {address}: {type(e).__name__}: {e} (retrying)"
+                live.update(watch_view(address, state, error, heard, interval), refresh=True)
+                time.sleep(max(0.0, interval - (time.monotonic() - asked)))
+    except KeyboardInterrupt:
+        return 0
+
+
+WATCH_ROWS = 40  # at most this many workers and jobs each in the live view (the rest are counted)
+
+
+def watch_view(address, state, error, heard, interval):
+    """The live view of `burla status --watch`, a rich renderable: a headline, the workers, the jobs (running,
+    then the latest ended)."""
+    import time
+
+    from rich.console import Group
+    from rich.text import Text
+
+    parts = []
+    if state is None:
+        parts.append(Text(f"burla cluster {address}: asking the broker...", style="bold"))
+    if error:
+        when = f", what it said at {time.strftime('%H:%M:%S', time.localtime(heard))} below" if heard else ""
+        parts.append(Text(error + when, style="bold red"))
+    if state is not None:
+        workers = state.get("workers") or []
+        nworkers = state.get("nworkers", len(workers))
+        running = state.get("jobs") or []
+        ended = sorted(state.get("recent") or [], key=lambda j: -(j.get("finished") or 0))
+        slots, busy = sum(w.get("slots", 0) for w in workers), sum(w.get("busy", 0) for w in workers)
+        parts.insert(0, Text(f"burla cluster {address}: {plural(nworkers, 'worker')}, {plural(slots, 'slot')} "
+                             f"({busy:,} busy), {plural(len(running), 'job')} running", style="bold"))
+
+        table = _table("workers", "ID", "HOST", ">SLOTS BUSY", ">CPU", ">RAM", "GPU", ">PREPARING")
+        for w in workers[:WATCH_ROWS]:
+            table.add_row(*map(Text, (str(w.get("id")), str(w.get("host")), f"{w.get('busy', 0)}/{w.get('slots', 0)}",
+                                      f"{w.get('cpu', 0):g}", f"{w.get('ram', 0):.1f} GB",
+                                      ",".join(w.get("gpu") or ()) or "-", str(w.get("preparing", 0)))))
+        if nworkers > min(len(workers), WATCH_ROWS):
+            table.add_row(Text(f"... and {plural(nworkers - min(len(workers), WATCH_ROWS), 'more worker')}"))
+        parts.append(table)
+
+        table = _table("jobs", "ID", "NAME", "STATE", ">DONE/TOTAL", ">FAILED", ">ELAPSED", ">RATE")
+        colours = {"running": "cyan", "done": "green", "failed": "red", "cancelled": "yellow"}
+        shown = (running + ended[:max(0, min(10, WATCH_ROWS - len(running)))])[:WATCH_ROWS]
+        for j in shown:
+            elapsed, done = j.get("elapsed") or 0.0, j.get("done", 0)
+            rate = done / elapsed if elapsed > 0 else 0.0
+            table.add_row(Text(str(j.get("id"))), Text(str(j.get("name") or "-")[:40]),
+                          Text(str(j.get("state", "?")), style=colours.get(j.get("state"), "")),
+                          Text(_progress(j) if j.get("total") is not None else f"{done:,}/?"),
+                          Text(f"{j.get('failed', 0):,}", style="red" if j.get("failed") else ""),
+                          Text(_seconds(elapsed)), Text(f"{rate:,.0f}/s" if rate >= 10 else f"{rate:.1f}/s"))
+        if not shown:
+            table.add_row(Text("no jobs", style="dim"))
+        parts.append(table)
+    parts.append(Text(f"every {interval:g} s; Ctrl-C to quit", style="dim"))
+    return Group(*parts)
+
+
+def _table(title, *columns):
+    """A rich table with these column headings (">NAME": right-aligned, for numbers)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left", show_edge=False)
+    for column in columns:
+        table.add_column(column.lstrip(">"), justify="right" if column.startswith(">") else "left")
+    return table
 
 
 JOBS_EXIT = """\
@@ -458,7 +627,7 @@ def _watch(job, st):
 
     from burla.progress import create
 
-    view = create(True, st.total)
+    view = create(True, st.total, summary=False)  # (attach prints its own summary)
     shown = 0
     try:
         while True:
@@ -510,7 +679,7 @@ def jobs_results(args, address, job_id):
         if args.json:
             print(json.dumps({"id": job_id, "written": len(results), "out": args.out}))
         else:
-            print(f"wrote {len(results)} results of job {job_id} to {args.out}")
+            print(f"wrote {plural(len(results), 'result')} of job {job_id} to {args.out}")
         return 0
     if args.json:
         for k, value in enumerate(results):

@@ -4,6 +4,7 @@
 
 import os
 import pathlib
+import re
 import tomllib
 
 
@@ -23,9 +24,32 @@ def load():
 
 def cluster_address(cluster=None):
     address = cluster or os.environ.get("BURLA_CLUSTER") or load().get("cluster") or "local"
-    if address != "local" and not address.startswith(("tcp://", "ipc://")):
-        raise ValueError(f"cluster={address!r}: expected 'local', 'tcp://HOST:PORT' or 'ipc://PATH'")
-    return address
+    return "local" if address == "local" else normalize_address(address, "cluster=", local=True)
+
+
+# HOST is a name or an IPv4 address, or an IPv6 one in brackets; "*" only where the broker binds (every interface).
+_TCP = re.compile(r"(?:tcp://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+|\*):([0-9]{1,5})")
+
+
+def normalize_address(address, what="address ", bind=False, local=False):
+    """The one spelling of a broker's address everywhere (client, worker, login, status): 'HOST:PORT' means
+    'tcp://HOST:PORT'; tcp:// and ipc:// addresses stay as given. Anything else is a ValueError that says what an
+    address looks like (ZeroMQ's own error for it is a bare "Invalid argument")."""
+    text = str(address).strip()
+    if text.startswith("ipc://") and len(text) > len("ipc://"):
+        return text
+    match = _TCP.fullmatch(text)
+    if match and 0 < int(match.group(2)) < 65536 and (bind or match.group(1) != "*"):
+        return f"tcp://{match.group(1)}:{match.group(2)}"
+    hint = ""
+    if "://" in text and not text.startswith(("tcp://", "ipc://")):
+        hint = f" ({text.split('://')[0]}:// is not a broker's protocol)"
+    elif match and match.group(1) == "*" and 0 < int(match.group(2)) < 65536:
+        hint = " (* is every interface: only a broker's --bind takes it)"
+    elif match or _TCP.fullmatch(text + ":1"):
+        hint = " (no port, or a port outside 1-65535)"
+    expected = "'local', 'tcp://HOST:PORT' or 'ipc://PATH'" if local else "'tcp://HOST:PORT' or 'ipc://PATH'"
+    raise ValueError(f"{what}{address!r}: expected {expected} (or HOST:PORT, short for tcp://HOST:PORT){hint}")
 
 
 executor_api_key = None  # in an executor: its job owner's key, for nested calls

@@ -35,17 +35,35 @@ def new_credential(kind, broker_public):
 
 def parse(credential, kind):
     """credential -> (broker public key, own public key, own secret key), all z85; ValueError if malformed."""
-    try:
-        prefix, broker_hex, secret_hex = credential.strip().split("-")
-        broker_public = z85.encode(bytes.fromhex(broker_hex))
-        secret = bytes.fromhex(secret_hex)
-    except (ValueError, AttributeError):
-        raise ValueError("not a burla credential (expected three '-'-separated parts)") from None
-    if prefix != kind or len(secret) != 32 or len(broker_public) != 40:
-        name = {CLIENT: "an API key (bk1-...)", WORKER: "a worker token (bw1-...)"}.get(kind, "a slot key")
-        raise ValueError(f"not {name}")
-    public, secret_key = _derive(kind, secret)
+    name, shape = NAMES[kind], f"{kind}-<key id>-<secret>"
+    where = {CLIENT: " as `burla broker` prints it (or `burla broker --new-api-key`)",
+             WORKER: " as `burla broker` prints it (BURLA_WORKER_TOKEN=...)"}.get(kind, "")
+    if not isinstance(credential, str):
+        raise ValueError(f"not a burla credential: {name} is a string, {shape}")
+    parts = credential.strip().split("-")
+    if len(parts) != 3:
+        raise ValueError(f"not a burla credential: {name} looks like {shape}{where}, three parts joined by '-'; "
+                         f"this one has {len(parts)} part{'' if len(parts) == 1 else 's'}")
+    prefix, broker_hex, secret_hex = parts
+    if prefix != kind:
+        other = {k: n for k, n in NAMES.items() if k != kind}.get(prefix)
+        raise ValueError(f"not {name}: " + (f"this is {other} ({prefix}-...)" if other else
+                                             f"it starts with {prefix[:8]!r}, not {kind}") + f"; expected {shape}")
+    wrong = []
+    for part, text in (("key id", broker_hex), ("secret", secret_hex)):  # (the secret is never echoed)
+        if len(text) != 64:
+            wrong.append(f"its {part} has {len(text)} character{'' if len(text) == 1 else 's'}, not 64")
+        elif not all(c in "0123456789abcdefABCDEF" for c in text):
+            wrong.append(f"its {part} is not all hexadecimal digits")
+    if wrong:
+        raise ValueError(f"not {name}: expected {shape}{where}, the key id and the secret 64 hexadecimal digits "
+                         "each; " + "; ".join(wrong))
+    broker_public = z85.encode(bytes.fromhex(broker_hex))
+    public, secret_key = _derive(kind, bytes.fromhex(secret_hex))
     return broker_public, public, secret_key
+
+
+NAMES = {CLIENT: "an API key", WORKER: "a worker token", SLOT: "a slot key"}
 
 
 def secure(sock, credential, kind):

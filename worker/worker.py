@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from burla.worker.zygote import Zygote
 
 log = logging.getLogger("burla.worker")
 MAX_ZYGOTES = 4  # environments whose zygote is kept (an idle one is a ~30 MB process)
+SILENCE_NOTICE = 30.0  # seconds between the worker's lines about a broker that does not answer
 
 
 class Slot:
@@ -588,6 +590,8 @@ class Worker:
         refused = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.token else None
         self.sock.connect(self.broker)
         self.register()
+        self.joined = None  # True once the broker answered a REGISTER; False while we register again; None: never
+        self.silence = None  # while it does not answer: [since when, REGISTERs sent again, when we last said so]
         self.send_announcements()
         if self.runtime == "?":
             threading.Thread(target=self.find_runtime, daemon=True, name="burla-runtime").start()
@@ -624,15 +628,17 @@ class Worker:
                         log.error("%s", e)
                         raise SystemExit(2)
                     heard = time.monotonic()
+                    if command != P.RECONNECT and not self.joined:
+                        self.on_joined()
                     if command == P.RECONNECT:
                         self.rejoin()
                     elif command == P.KILL:
-                        self.signal_slot(header.get("s"), header.get("j"), bool(header.get("hard")))
+                        self.signal_slot(header.get("s"), header.get("j"), bool(header.get("hard")), header.get("i"))
                     elif command == P.PREPARE:
                         self.on_prepare(header, payload)
                 now = time.monotonic()
                 if now - heard > P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS:
-                    log.warning("no word from the broker for %.1f s; registering again", now - heard)
+                    self.say_silent(heard, now)
                     self.rejoin()
                     heard = now
                 if now >= next_beat:
@@ -643,9 +649,10 @@ class Worker:
             self.sock.close(0)
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def signal_slot(self, name, job, hard):
-        """Kill a slot's executor, or interrupt its call if (and only if) that call is the given job's: the job
-        id goes down the control pipe first, and the executor's SIGUSR1 handler reads it."""
+    def signal_slot(self, name, job, hard, calls=None):
+        """Kill a slot's executor, or interrupt its call if (and only if) that call is the given job's (calls:
+        only if it is the call on one of these inputs): the job id (and inputs) go down the control pipe first,
+        and the executor's SIGUSR1 handler reads them."""
         slot = self.slot_named(name)
         if slot is None:
             return
@@ -653,12 +660,48 @@ class Worker:
             if not (isinstance(job, bytes) and len(job) == 8) or slot.control is None:
                 return
             try:
-                os.write(slot.control, b"C" + job)
+                if calls:
+                    os.write(slot.control, b"".join(b"I" + job + struct.pack("<q", i) for i in calls[:4096]))
+                else:
+                    os.write(slot.control, b"C" + job)
             except OSError:
                 return
         slot.kill(signal.SIGKILL if hard else signal.SIGUSR1)
 
+    def on_joined(self):
+        """The broker answered our REGISTER: say so once (and again after a silence, or its restart). Not the
+        embedded cluster's worker, whose stderr is its program's."""
+        again = "" if self.joined is None else " again"
+        after = ""
+        if self.silence:
+            waited = time.monotonic() - self.silence[0]
+            after = f" (after {waited:.0f} s {'without word' if again else 'of trying'})"
+        self.joined, self.silence = True, None
+        if self.parent_fd is None:
+            print(f"burla worker: joined the broker at {self.broker}{again} as {self.id} with {self.nslots} "
+                  f"slot{'' if self.nslots == 1 else 's'}{after}", file=sys.stderr, flush=True)
+
+    def say_silent(self, heard, now):
+        """The broker has been silent too long and we register again: say where it should be, once and then
+        every SILENCE_NOTICE seconds with the count, not at every attempt."""
+        if self.silence is None:
+            self.silence = [heard, 0, now]
+            every = P.HEARTBEAT_INTERVAL * P.HEARTBEAT_LIVENESS
+            if self.joined is not None:
+                log.warning("no word from the broker at %s for %.1f s; registering again every %g s", self.broker,
+                            now - heard, every)
+            else:
+                log.warning("no answer from the broker at %s (is it running, and is that its address?); "
+                            "registering again every %g s", self.broker, every)
+        self.silence[1] += 1
+        if now - self.silence[2] >= SILENCE_NOTICE:
+            self.silence[2] = now
+            log.warning("still no word from the broker at %s after %.0f s (%d attempts); registering again",
+                        self.broker, now - self.silence[0], self.silence[1])
+
     def rejoin(self):
+        if self.joined:
+            self.joined = False
         self.register()
         self.announce = [(index, 0) for index in self.slot_keys]  # a restarted broker knows no slot keys
         self.send_announcements()
