@@ -283,6 +283,10 @@ def test_nested_calls_use_the_callers_cluster_and_never_hang(cluster):
     assert remote_parallel_map(outer, [3], cluster=cluster.address, spinner=False) == [30]
     below = psutil.Process(cluster.procs["w1"].pid).children(recursive=True)
     assert not [p for p in below if "burla broker" in " ".join(p.cmdline())]  # no private cluster in an executor
+    deadline = time.monotonic() + 10  # both slots idle first: else one outer call may finish before the other starts
+    while time.monotonic() < deadline and not all(
+            w["busy"] == 0 and w["preparing"] == 0 for w in cluster_state(cluster.address)["workers"]):
+        time.sleep(0.05)
     start = time.monotonic()
     with pytest.raises(burla.NoCompatibleWorkerError, match="nested"):  # both slots wait on nested jobs
         remote_parallel_map(outer, [3, 4], cluster=cluster.address, spinner=False)
