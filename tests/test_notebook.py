@@ -1,6 +1,8 @@
 """The notebook experience in a real IPython kernel: the example notebook run by nbclient, the %%burla magic, the
-live widget's state, remote errors in the cell, a kernel interrupt cancelling a job, and %burla attach / %burla jobs
-picking up a detached job after the kernel that started it was restarted."""
+live widget's state and the static summary a finished job leaves in its cell (what a saved notebook shows without a
+kernel), remote errors and failed inputs listed, a job cancelled from elsewhere, a kernel interrupt cancelling a
+job, and %burla attach / %burla jobs picking up a detached job after the kernel that started it was restarted; and
+the widget alone, fed a big job, staying bounded."""
 
 import ast
 import os
@@ -59,13 +61,31 @@ def test_quickstart_notebook(tmp_path):
     states = widget_states(nb)
     bars = [s for name, s in states.values() if name == "IntProgressModel"]
     assert len(bars) == 3 and all(b["value"] == b["max"] and b["bar_style"] == "success" for b in bars)
-    html = "\n".join(s.get("value", "") for name, s in states.values() if name == "HTMLModel")
-    assert all(f"processing {i}" in html for i in range(10))  # the calls' lines, in the widget
-    assert all(f"working on {i}" in html for i in range(8))
-    assert "10 / 10 calls" in html and "0 failed" in html and "done" in html
-    assert "<td>local</td><td>10</td>" in html  # the per-worker table
-    # nothing printed outside the widget: the lines belong to the cell's view, not to whatever runs next
-    assert "processing 0" not in outputs["def my_function(my_input):"]
+    # Each job's cell keeps a static summary in place of the live view: plain HTML, which a saved notebook shows
+    # without a kernel (a widget view would say "Error displaying widget: model not found").
+    jobs = [c for c in code if any(o.output_type == "display_data" for o in c.outputs)]
+    assert len(jobs) == 3
+    for cell in jobs:
+        views = [o for o in cell.outputs if o.output_type == "display_data"]
+        assert len(views) == 1 and set(views[0].data) == {"text/html", "text/plain"}, views
+    summary = summary_of(nb.cells[2])
+    assert "my_function" in summary and "10 / 10 calls" in summary and "0 failed" in summary
+    assert 'data-state="done"' in summary and "<svg" in summary
+    assert "<td>local</td><td>10</td>" in summary  # the per-worker table
+    assert all(f"processing {i}" in summary for i in range(10))  # the last lines
+    assert "my_function" in summary_of(nb.cells[2], "text/plain")
+    assert all(f"working on {i}" in summary_of(nb.cells[5]) for i in range(8))
+    # nothing printed outside the view: the lines belong to the job's cell, not to whatever runs next
+    streams = [o.get("text", "") for c in code for o in c.outputs if o.output_type == "stream"]
+    assert not any("processing" in t or "working on" in t for t in streams), streams
+
+
+def summary_of(cell, kind="text/html"):
+    """The static summary a finished job left in the cell."""
+    found = [o.data[kind] for o in cell.outputs if o.output_type == "display_data" and "burla-summary" in
+             o.data.get("text/html", "")]
+    assert len(found) == 1, cell.outputs
+    return found[0]
 
 
 def test_remote_error_in_a_cell(cluster):
@@ -92,10 +112,74 @@ def test_remote_error_in_a_cell(cluster):
     assert [o.output_type for o in nb.cells[4].outputs] == ["display_data"]
     assert [o.output_type for o in nb.cells[5].outputs] == ["execute_result"]
     assert "[0, 1, 2, 3, 4]" in text(nb.cells[5]) and "shout" not in text(nb.cells[5])
-    view = nb.cells[4].outputs[0].data["application/vnd.jupyter.widget-view+json"]["model_id"]
-    assert widget_states(nb)[view][0] == "VBoxModel"
+    assert "shout 4" in summary_of(nb.cells[4]) and 'data-state="done"' in summary_of(nb.cells[4])
     failed = [s for name, s in widget_states(nb).values() if name == "IntProgressModel" and s["bar_style"] == "danger"]
     assert len(failed) == 1
+    # the failed job's summary: failed, in red, with the failed input listed (its type, message and traceback)
+    summary = summary_of(nb.cells[1])
+    assert 'data-state="failed"' in summary and "failures (1)" in summary
+    assert "<b>input 2</b>" in summary and "ZeroDivisionError" in summary and "in burla_cell" in summary
+
+
+def test_failures_are_listed_with_their_lines(cluster):
+    """return_exceptions=True: the job ends done, and its summary lists every failed input with its exception,
+    traceback, repr and the lines it printed; the search box that filters the log is there too."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "from burla import remote_parallel_map\n"
+        "def check(x):\n    print(f'checking {x}')\n    if x % 4 == 1:\n        raise KeyError(f'no key {x}')\n"
+        "    return x\n"
+        "out = remote_parallel_map(check, range(12), return_exceptions=True)\n"
+        "[type(o).__name__ for o in out].count('KeyError')")]
+    run_notebook(nb, env={"BURLA_CLUSTER": cluster.address})
+    assert "3" in text(nb.cells[0])
+    summary = summary_of(nb.cells[0])
+    assert "check" in summary and "12 / 12 calls" in summary and "3 failed" in summary and "failures (3)" in summary
+    assert 'data-state="done"' in summary
+    failures = re.findall(r'<details class="burla-v-failure">(.*?)</details>', summary, re.S)
+    assert len(failures) == 3
+    for x, item in zip((1, 5, 9), failures):
+        assert f"<b>input {x}</b>" in item and "KeyError" in item and f"no key {x}" in item
+        assert "Traceback" in item and ", in check" in item  # the remote traceback
+        assert f"checking {x}" in item and "checking 0" not in item  # its own lines, only
+    assert 'class="burla-v-search"' in summary and "oninput=" in summary
+    assert re.search(r'data-t="\[[^\]]+\] checking 11"', summary)  # each line carries what the search matches
+
+
+def test_a_cancelled_job_says_cancelled(new_cluster):
+    """A job cancelled from elsewhere while its cell runs (as the panel's Cancel does: a CANCEL from another
+    connection) ends its cell's view as cancelled, in the warning colour, not as failed."""
+    import threading
+
+    import burla
+
+    new_cluster.start_worker("w1", slots=2)
+    new_cluster.wait_for(1, slots=2)
+    cancelled = []
+
+    def cancel_when_running():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            jobs = cluster_state(new_cluster.address)["jobs"]
+            if jobs and jobs[0]["done"] >= 2:
+                burla.attach(jobs[0]["id"], cluster=new_cluster.address).cancel()
+                cancelled.append(jobs[0]["id"])
+                return
+            time.sleep(0.05)
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import time\nfrom burla import remote_parallel_map\n"
+        "def nap(x):\n    print(f'nap {x}')\n    time.sleep(0.3)\n    return x\n"
+        "remote_parallel_map(nap, range(60))")]
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    run_notebook(nb, env={"BURLA_CLUSTER": new_cluster.address}, allow_errors=True)
+    canceller.join()
+    assert cancelled and nb.cells[0].outputs[-1].ename == "JobCancelledError", text(nb.cells[0])
+    summary = summary_of(nb.cells[0])
+    assert 'data-state="cancelled"' in summary and ">cancelled</span>" in summary and cancelled[0] in summary
+    assert "var(--jp-warn-color1" in summary and ">failed</span>" not in summary
 
 
 def test_interrupt_cancels_the_job(cluster):
@@ -199,10 +283,13 @@ def test_attach_to_a_detached_job_after_a_kernel_restart(new_cluster):
         assert len(views) == 1  # the live view, in this cell
         models = widget_updates(messages)
         view = models[views[0]["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]]
-        assert view[0] == "VBoxModel" and view[1]["_dom_classes"] == ["burla-job"]
+        assert view[0] == "VBoxModel" and view[1]["_dom_classes"][0] == "burla-job"
         bars = [s for name, s in models.values() if name == "IntProgressModel"]
         assert len(bars) == 1
-        header = [s["value"] for name, s in models.values() if name == "HTMLModel" and "<b>burla</b>" in s["value"]]
+        header = [s["value"] for name, s in models.values() if name == "HTMLModel" and "burla-v-title" in s["value"]]
+        summaries = [m["content"]["data"]["text/html"] for m in messages if m["msg_type"] == "update_display_data"]
+        assert len(summaries) == 1 and 'data-state="done"' in summaries[0] and job_id in summaries[0]
+        assert "slow" in summaries[0] and "30 / 30 calls" in summaries[0]  # (the job's name, from the broker)
 
         reply, messages = run_cell(kc, f"%burla attach --timeout 60 {job_id[:8]} -> squares\nsquares[-1]")
         assert reply["status"] == "ok", reply
@@ -254,3 +341,78 @@ def test_attach_to_a_detached_job_after_a_kernel_restart(new_cluster):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def monotonic(self):
+        return self.t
+
+
+def test_the_widget_stays_bounded_for_a_big_job(monkeypatch):
+    """The widget alone (no kernel: nothing is shown) fed a 5-minute job of 100,000 calls in 5,000 results on 64
+    slots, every call printing a line and 1% failing: what it keeps and what it draws stay small, the charts are
+    drawn about once a second of the job, and its end is a static summary of bounded size."""
+    from burla_jupyter import widget
+
+    clock = FakeClock()
+    monkeypatch.setattr(widget, "time", clock)
+    view = widget.JobWidget(100_000)
+    view.name("simulate · cell [4]")
+    view.job_id("0123456789abcdef")
+    drawn = []
+    charts_of = view.charts
+    monkeypatch.setattr(view, "charts", lambda: drawn.append(clock.t) or charts_of())
+    slots = [f"worker-{k}/{i}" for k in range(16) for i in range(4)]
+    started = time.perf_counter()
+    for r in range(5000):
+        clock.t += 0.06
+        slot, first = slots[r % 64], 20 * r
+        view.lines(slot, [[first + j, 1 + (j == 3), f"call {first + j} says hello"] for j in range(20)])
+        failed = [first + 3] if r % 5 == 0 else []
+        for i in failed:
+            view.failure(i, "builtins.ValueError", f"bad input {i}", f"Traceback ...\nValueError: bad input {i}",
+                         repr(i))
+        view.advance(20, slot, len(failed), 3.5)
+        if r % 7 == 0:
+            view.tick()
+    took = time.perf_counter() - started
+    assert took < 30, took  # (some 5 s here)
+    assert 250 <= len(drawn) <= 310  # about once a second of the job's 300 s
+    values = {"progress": view.progress_chart.value, "slots": view.slots_chart.value,
+              "timeline": view.timeline_chart.value, "failures": view.failure_list.value,
+              "log": view.logs.children[0].value, "worker log": view.log_views["worker-3"].value}
+    for name, value in values.items():
+        assert len(value) < 80_000, (name, len(value))
+    assert len(view.timeline.bars) <= view.timeline.limit and len(view.input_lines) <= widget.INPUTS_KEPT
+    assert len(view.failures) == widget.MAX_FAILURES and view.failed_count() == 1000
+    assert view.tabs.titles[5] == "failures (1,000)"
+    assert "call 99999 says hello" in values["log"]  # the tail
+    assert "simulate · cell [4]" in view.header.value and "0123456789abcdef" in view.header.value
+
+    view.close("done")
+    summary = view.summary()["text/html"]
+    assert len(summary) < 200_000, len(summary)
+    assert "100,000 / 100,000 calls" in summary and "1,000 failed" in summary and "900 more failed" in summary
+    assert "<b>input 3</b> &middot; ValueError: bad input 3" in summary
+    assert "call 3 says hello" in summary.split("<b>input 3</b>", 1)[1].split("</details>", 1)[0]  # its lines
+
+
+def test_the_first_end_is_the_one_shown(monkeypatch):
+    """A cancelled job stays cancelled (warning colour) whatever is reported after; a client that passes no
+    seconds, no failures and no name still gets a view."""
+    from burla_jupyter import widget
+
+    view = widget.JobWidget(None)
+    view.lines("w1/0", [[0, 1, "hello"]])
+    view.advance(1, "w1/0", 0)
+    view.advance(1, "w1/1")
+    view.close("cancelled")
+    view.close("failed")
+    assert view.state == "cancelled" and view.bar.bar_style == "warning"
+    summary = view.summary()
+    assert 'data-state="cancelled"' in summary["text/html"] and "<b>burla</b>" in summary["text/html"]
+    assert "cancelled" in summary["text/plain"] and "2 calls" in summary["text/plain"]
+    assert "failed</span>" not in summary["text/html"] and "0 failed" in summary["text/html"]
