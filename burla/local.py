@@ -1,8 +1,10 @@
 """The embedded cluster: a broker and one worker with a slot per core, started on this machine on first use.
 
-It listens on an ipc:// path inside a private (0700) temporary folder, never on a network interface. Both processes
-hold the read end of a pipe whose write end only this process has: when this process ends, however it ends
-(SIGKILL included), the pipe closes and they exit, and the worker takes its executors down with it.
+It listens on an ipc:// path inside a private (0700) temporary folder, never on a network interface: a new one
+each time, or one the caller made and keeps (the Jupyter server's, so that a cluster started again has the address
+its kernels already hold). Both processes hold the read end of a pipe whose write end only this process has: when
+this process ends, however it ends (SIGKILL included), the pipe closes and they exit, and the worker takes its
+executors down with it.
 """
 
 import atexit
@@ -18,7 +20,7 @@ _cluster = None
 
 
 class LocalCluster:
-    def __init__(self, slots=None):
+    def __init__(self, slots=None, directory=None):
         from burla.worker.worker import host_resources
 
         cpus, ram = host_resources()
@@ -26,7 +28,8 @@ class LocalCluster:
         # Memory is not reserved per call on one's own machine (as with any local pool): advertise enough
         # for every slot at the default func_ram=4.
         self.ram = max(ram, 4.0 * self.slots)
-        self.dir = tempfile.mkdtemp(prefix="burla-")
+        self.owns_dir = directory is None
+        self.dir = directory or tempfile.mkdtemp(prefix="burla-")
         self.address = f"ipc://{self.dir}/broker"
         read, self._pipe = os.pipe()
         # Workers import the client's modules by name (functions cloudpickle sends by reference), so they get
@@ -58,21 +61,28 @@ class LocalCluster:
                     break
                 except subprocess.TimeoutExpired:
                     pass
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if self.owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        else:  # the caller's folder stays; the socket goes, so nothing dials a dead broker's file
+            try:
+                os.unlink(self.address[len("ipc://"):])
+            except OSError:
+                pass
 
     def pids(self):
         return [p.pid for p in self.procs]
 
 
-def cluster():
-    """The running embedded cluster of this process, started if need be."""
+def cluster(directory=None):
+    """The running embedded cluster of this process, started if need be (in directory: a private folder the caller
+    keeps, for the same address each time)."""
     global _cluster
     with _lock:
         if _cluster is None or _cluster.pid != os.getpid() or any(p.poll() is not None for p in _cluster.procs):
             if _cluster is not None and _cluster.pid == os.getpid():
                 _cluster.stop()
             _cluster = LocalCluster(int(os.environ["BURLA_LOCAL_SLOTS"]) if os.environ.get("BURLA_LOCAL_SLOTS")
-                                    else None)
+                                    else None, directory)
             atexit.register(_cluster.stop)
         return _cluster
 

@@ -2,6 +2,7 @@
 
     GET  state                  the cluster (address, connected, embedded) and the broker's state
     GET  jobs/ID/logs           the log lines kept for a job: [[worker, stream, text], ...]
+    GET  jobs/ID/history        what the panel draws of a job: its time series, timeline bars and failures
     POST cluster                {"action": "start" | "stop"}: the embedded cluster of this server
     POST jobs/ID/cancel         cancel a job
     WS   events                 pushes {"type": "state", ...} as the broker sends it, and {"type": "logs", ...}
@@ -34,6 +35,12 @@ class LogsHandler(Base):
     @tornado.web.authenticated
     def get(self, job_id):
         self.finish(json.dumps({"job": job_id, "lines": self.manager.job_logs(job_id)}))
+
+
+class HistoryHandler(Base):
+    @tornado.web.authenticated
+    def get(self, job_id):
+        self.finish(json.dumps({"job": job_id, **self.manager.job_history(job_id)}))
 
 
 class ClusterHandler(Base):
@@ -103,6 +110,7 @@ def setup_handlers(web_app):
         (url_path_join(base, "state"), StateHandler),
         (url_path_join(base, "cluster"), ClusterHandler),
         (url_path_join(base, r"jobs/([0-9a-f]+)/logs"), LogsHandler),
+        (url_path_join(base, r"jobs/([0-9a-f]+)/history"), HistoryHandler),
         (url_path_join(base, r"jobs/([0-9a-f]+)/cancel"), CancelHandler),
         (url_path_join(base, "events"), EventsHandler),
     ])

@@ -18,6 +18,7 @@ export interface IWorker {
 
 export interface IJob {
   id: string;
+  name?: string | null; // its function, and the notebook cell that started it ("f · cell [3]"), when the client said
   done: number;
   failed: number;
   submitted: number;
@@ -38,6 +39,7 @@ export interface ICluster {
   address: string | null;
   embedded: boolean;
   connected: boolean;
+  hint?: string | null; // what kernels do with the server's own cluster, when it has one (or had)
 }
 
 export interface IBrokerState {
@@ -48,6 +50,33 @@ export interface IBrokerState {
 
 /** [worker, stream (1 stdout, 2 stderr), text] */
 export type LogLine = [string, number, string];
+
+/** A failed input, as the broker lists it, with the log lines that input printed (the server keeps them). */
+export interface IFailure {
+  i: number;
+  type: string;
+  msg: string;
+  tb: string;
+  lines?: LogLine[];
+}
+
+/** [slot "worker/index", t0, t1 (epoch seconds), calls, failed calls, results merged into this bar] */
+export type Bar = [string, number, number, number, number, number];
+
+/** What the server keeps of a job for the pictures (burla_jupyter/manager.py, History). points: buckets of `step`
+ * seconds, [t, done, failed, slots, busy slots of each of `workers`...]. */
+export interface IHistory {
+  started: number | null;
+  step: number;
+  workers: string[];
+  points: number[][];
+  bars: Bar[];
+  missed: number;
+  failures: IFailure[];
+  ended: boolean;
+}
+
+export type Tab = 'logs' | 'charts' | 'failures';
 
 export type Message =
   | { type: 'state'; cluster: ICluster; state: IBrokerState | null }
@@ -61,16 +90,27 @@ export class PanelModel {
   state: IBrokerState | null = null;
   selected: string | null = null; // the job whose log is shown
   worker: string = ALL_WORKERS; // the worker the log is filtered to
+  query = ''; // the log's search box: lines that contain it, any case
+  tab: Tab = 'logs';
+  wanted: string | null = null; // a job chosen before a reload, selected once the first state lists it
   version = 0; // bumped on every change: the view redraws when it moved
   private pinned = false; // the user chose the selected job
   private logs = new Map<string, LogLine[]>();
   private skipped = new Map<string, number>();
+  private histories = new Map<string, IHistory>();
 
   apply(message: Message): void {
     if (message.type === 'state') {
       this.cluster = message.cluster;
       this.state = message.state;
       this.forgetOldLogs();
+      if (this.wanted !== null && this.state) {
+        if (this.job(this.wanted)) {
+          this.selected = this.wanted;
+          this.pinned = true;
+        }
+        this.wanted = null; // (tried once: a job the cluster forgot is not waited for)
+      }
       if (this.selected === null || !this.job(this.selected)) {
         this.pinned = false; // the job the user chose is gone
       }
@@ -125,6 +165,11 @@ export class PanelModel {
         this.skipped.delete(id);
       }
     }
+    for (const id of Array.from(this.histories.keys())) {
+      if (!known.has(id)) {
+        this.histories.delete(id);
+      }
+    }
   }
 
   /** The user's choice: kept until that job is forgotten (otherwise the newest running job is shown). */
@@ -138,6 +183,25 @@ export class PanelModel {
   filter(worker: string): void {
     this.worker = worker;
     this.version++;
+  }
+
+  search(query: string): void {
+    this.query = query;
+    this.version++;
+  }
+
+  show(tab: Tab): void {
+    this.tab = tab;
+    this.version++;
+  }
+
+  setJobHistory(job: string, history: IHistory): void {
+    this.histories.set(job, history);
+    this.version++;
+  }
+
+  history(job: string | null): IHistory | undefined {
+    return job ? this.histories.get(job) : undefined;
   }
 
   /** Running jobs first (as the broker lists them), then the ended ones, the latest to end first. The broker lists
@@ -173,14 +237,24 @@ export class PanelModel {
     return Array.from(new Set(lines.map(l => l[0]))).sort();
   }
 
-  /** The selected job's lines, filtered to the chosen worker, the last `limit` of them. */
+  /** The selected job's lines, filtered to the chosen worker and the search, the last `limit` of them. */
   visibleLines(limit = 1000): LogLine[] {
-    if (!this.selected) {
-      return [];
+    return this.matchingLines().slice(-limit);
+  }
+
+  /** The selected job's lines the filters let through, and how many it has in all. */
+  matchingLines(): LogLine[] {
+    const lines = this.selected ? this.logs.get(this.selected) ?? [] : [];
+    const query = this.query.trim().toLowerCase();
+    if (this.worker === ALL_WORKERS && !query) {
+      return lines;
     }
-    const lines = this.logs.get(this.selected) ?? [];
-    const shown = this.worker === ALL_WORKERS ? lines : lines.filter(l => l[0] === this.worker);
-    return shown.slice(-limit);
+    return lines.filter(l => (this.worker === ALL_WORKERS || l[0] === this.worker) &&
+                             (!query || l[2].toLowerCase().includes(query)));
+  }
+
+  lineCount(): number {
+    return this.selected ? this.logs.get(this.selected)?.length ?? 0 : 0;
   }
 
   skippedLines(): number {
@@ -280,6 +354,16 @@ export async function copyText(
   } finally {
     doc.body.removeChild(area);
   }
+}
+
+/** What a job is called: its function (and cell) when the client said, else its id. */
+export function jobName(job: IJob): string {
+  return job.name || job.id.slice(0, 8);
+}
+
+/** An exception's type as Python shows it: a builtin one without its module. */
+export function exceptionName(type: string): string {
+  return type.startsWith('builtins.') ? type.slice('builtins.'.length) : type;
 }
 
 /** Inputs in all if the client said, else those submitted so far. */

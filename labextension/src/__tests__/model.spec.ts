@@ -4,9 +4,11 @@ import {
   canAttach,
   copyText,
   duration,
+  exceptionName,
   IJob,
   insertCellBelow,
   isNotebook,
+  jobName,
   LogLine,
   MAX_LINES,
   PanelModel,
@@ -239,5 +241,62 @@ describe('copying a job id', () => {
     expect(doc.body.children).toHaveLength(0); // the textarea is gone again
     expect(await copyText('ghi', {}, fakeDocument(false) as unknown as Document)).toBe(false);
     expect(await copyText('ghi', undefined, undefined)).toBe(false);
+  });
+});
+
+describe('what the job detail shows', () => {
+  it('searches the log, with the worker filter, any case', () => {
+    const m = new PanelModel();
+    m.apply(state([job('a')]));
+    m.apply({ type: 'logs', job: 'a', lines: [['w1', 1, 'Loading data'], ['w2', 1, 'loading model'],
+                                               ['w1', 2, 'done']] });
+    m.search('LOADING');
+    expect(m.visibleLines().map(l => l[2])).toEqual(['Loading data', 'loading model']);
+    m.filter('w2');
+    expect(m.visibleLines().map(l => l[2])).toEqual(['loading model']);
+    m.search('  ');
+    m.filter(ALL_WORKERS);
+    expect(m.matchingLines()).toHaveLength(3);
+    expect(m.lineCount()).toBe(3);
+  });
+
+  it('restores the job chosen before a reload once the state lists it, and pins it', () => {
+    const m = new PanelModel();
+    m.wanted = 'old';
+    m.apply(state([job('new')], [job('old', { state: 'done' })]));
+    expect(m.selected).toBe('old');
+    expect(m.wanted).toBeNull();
+    m.apply(state([job('new'), job('newer')], [job('old', { state: 'done' })]));
+    expect(m.selected).toBe('old'); // (pinned: a new running job does not take over)
+  });
+
+  it('forgets a wanted job the cluster no longer lists', () => {
+    const m = new PanelModel();
+    m.wanted = 'gone';
+    m.apply(state([job('a')]));
+    expect(m.selected).toBe('a');
+    expect(m.wanted).toBeNull();
+  });
+
+  it('shows a builtin exception without its module', () => {
+    expect(exceptionName('builtins.ValueError')).toBe('ValueError');
+    expect(exceptionName('numpy.linalg.LinAlgError')).toBe('numpy.linalg.LinAlgError');
+  });
+
+  it('names a job by its function, else its id', () => {
+    expect(jobName(job('0123456789abcdef', { name: 'train · cell [3]' }))).toBe('train · cell [3]');
+    expect(jobName(job('0123456789abcdef', { name: null }))).toBe('01234567');
+  });
+
+  it('keeps the history of the jobs it lists', () => {
+    const m = new PanelModel();
+    m.apply(state([job('a')]));
+    const h = { started: 1, step: 0.5, workers: [], points: [], bars: [], missed: 0, failures: [], ended: false };
+    m.setJobHistory('a', h);
+    expect(m.history('a')).toBe(h);
+    m.show('charts');
+    expect(m.tab).toBe('charts');
+    m.apply(state([job('b')]));
+    expect(m.history('a')).toBeUndefined();
   });
 });
