@@ -1,5 +1,6 @@
-"""The JupyterLab panel in the wheel: built from labextension/ when it is not built yet (a clean clone), so that
-`pip install .`, `pip wheel .` and the sdist give users the panel without node on their side.
+"""The JupyterLab panel in the wheel: built from labextension/ when it is not built yet (a clean clone) or older
+than its sources, so that `pip install .`, `pip wheel .`, `python -m build` and the sdist give users the panel
+without node on their side.
 
 Building it needs node and npm here (and the npm registry); without them the wheel is built without the panel,
 and says so: the broker and worker images, which need no panel, build this way.
@@ -17,12 +18,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BUILT = os.path.join("burla_jupyter", "labextension")
 
 
-def build_panel():
-    if os.path.exists(os.path.join(HERE, BUILT, "package.json")):
-        return True
-    source = os.path.join(HERE, "labextension")
-    if not os.path.exists(os.path.join(source, "package.json")) or not shutil.which("npm"):
+def up_to_date(source):
+    """The built panel is there and newer than every file it is built from (the sdist carries both)."""
+    built = os.path.join(HERE, BUILT, "package.json")
+    if not os.path.exists(built):
         return False
+    inputs = [os.path.join(source, "package.json"), os.path.join(source, "package-lock.json"),
+              *glob.glob(os.path.join(source, "src", "**", "*"), recursive=True),
+              *glob.glob(os.path.join(source, "style", "**", "*"), recursive=True)]
+    newest = max((os.path.getmtime(p) for p in inputs if os.path.isfile(p)), default=0.0)
+    return newest <= os.path.getmtime(built)
+
+
+def build_panel():
+    source = os.path.join(HERE, "labextension")
+    if up_to_date(source):
+        return True
+    if not os.path.exists(os.path.join(source, "package.json")) or not shutil.which("npm"):
+        return os.path.exists(os.path.join(HERE, BUILT, "package.json"))  # (older than its sources: still a panel)
     run = dict(cwd=source, check=True, stdout=sys.stderr)
     subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], **run)
     subprocess.run(["npm", "run", "build:lib"], **run)
