@@ -8,6 +8,7 @@ messages, never blocking) and `offer` (one outbox entry to a connection: "ok", "
 it with functions of their own.
 """
 
+import bisect
 import collections
 import logging
 import time
@@ -21,6 +22,7 @@ from burla.broker.store import Full
 log = logging.getLogger("burla.broker")
 
 MAX_ATTEMPTS = 3  # executor deaths while one input runs before that input fails with WorkerDiedError
+CALL_CANCELS = 1 << 16  # single-call cancels a job holds at once (each TASK of the job looks through them)
 STOP_GRACE = 0.5  # seconds a cancelled call has to stop on SIGUSR1 before its executor is killed
 ENV_RETRY_AFTER = 60.0  # seconds before a worker that failed to prepare an environment is asked again
 # What one user may park in the broker: jobs at once, and inputs not yet answered over all of them (each job is
@@ -559,17 +561,17 @@ class Scheduler:
         """Cancel single calls (option k): a batch still queued skips them when it runs (TASK's cc); a slot that
         holds one is told, and interrupts it if it is running. Each keeps an outcome (an error its client drops),
         so the batch completes as any other."""
-        if not job.options.get("k"):
+        if not job.options.get("k") or len(job.call_cancels) >= CALL_CANCELS:
             return
-        new = {i for i in indices if i < job.sent} - job.call_cancels
-        job.call_cancels |= new
+        new = sorted({i for i in indices if i < job.sent} - job.call_cancels)
+        job.call_cancels.update(new)
         for slot in list(job.slots):
             for (job_id, start), (_, batch) in slot.inflight.items():
-                if job_id == job.id:
-                    here = [i for i in new if start <= i < start + batch.n]
+                if job_id == job.id:  # (bisect: a flood of cancels costs the broker little per batch)
+                    here = new[bisect.bisect_left(new, start):bisect.bisect_left(new, start + batch.n)]
                     worker = self.workers.get(slot.worker_id)
-                    if here and worker is not None:
-                        self.send(worker.ident, P.KILL, {"s": slot.name, "j": job.id, "hard": 0, "i": here})
+                    if here and worker is not None:  # (the running call is among the first: a few suffice)
+                        self.send(worker.ident, P.KILL, {"s": slot.name, "j": job.id, "hard": 0, "i": here[:200]})
 
     def reject(self, job, kind, message, state="failed"):
         """End a job with an error its client is told: now, or when it attaches again."""

@@ -284,3 +284,17 @@ def test_job_records_name_failures_and_bars_and_a_state_stays_within_a_frame(tmp
     state = s.state()
     assert len(msgpack.packb(state)) <= P.FRAME_MAX
     assert all("tb" not in f for r in state["jobs"] for f in r.get("failures", ()))
+
+
+def test_a_flood_of_single_call_cancels_costs_the_broker_little(tmp_path):
+    s, wire, _ = cluster(tmp_path)
+    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": b"d" * 16, "fn": 1, "cpu": 1, "ram": 1,
+                                      "o": {"c": 1, "k": 1}}, [b"function"])
+    s.handle(CLIENT, None, P.BATCH, {"j": JOB, "i": 0, "n": 60_000, "z": [0]}, [b"inputs"])
+    s.dispatch()
+    assert wire.take(SLOT, P.TASK)
+    for k in range(20):  # the same 60,000 calls again and again, and calls that were never sent
+        s.handle(CLIENT, None, P.CANCEL, {"j": JOB, "i": list(range(k, 60_000 + k))}, [])
+    kills = wire.take(WORKER, P.KILL)  # a worker is told once per new cancel, and of a bounded number of calls
+    assert len(kills) == 1 and len(kills[0][2]["i"]) == 200
+    assert len(s.jobs[JOB].call_cancels) == 60_000 and JOB in s.jobs

@@ -33,6 +33,7 @@ from burla.worker.zygote import Zygote
 log = logging.getLogger("burla.worker")
 MAX_ZYGOTES = 4  # environments whose zygote is kept (an idle one is a ~30 MB process)
 SILENCE_NOTICE = 30.0  # seconds between the worker's lines about a broker that does not answer
+CALLS_TOLD = 200  # single-call cancels passed to an executor at once: 17 bytes each, one atomic pipe write
 
 
 class Slot:
@@ -288,6 +289,8 @@ class Worker:
 
     def record_start(self, slot, pid, control):
         slot.pid, slot.control, slot.started = pid, control, time.monotonic()
+        if control is not None:
+            os.set_blocking(control, False)  # an executor stuck in C code, not reading, never blocks the worker
         try:
             slot.pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -661,10 +664,10 @@ class Worker:
                 return
             try:
                 if calls:
-                    os.write(slot.control, b"".join(b"I" + job + struct.pack("<q", i) for i in calls[:4096]))
+                    os.write(slot.control, b"".join(b"I" + job + struct.pack("<q", i) for i in calls[:CALLS_TOLD]))
                 else:
                     os.write(slot.control, b"C" + job)
-            except OSError:
+            except OSError:  # (BlockingIOError: its pipe is full, it reads nothing: the signal would find nothing)
                 return
         slot.kill(signal.SIGKILL if hard else signal.SIGUSR1)
 
