@@ -161,6 +161,7 @@ def job_lease():
 
 ACK_INTERVAL = 0.2  # seconds between acknowledgements of what arrived (also sent when much has arrived)
 ACK_BYTES = 8 << 20
+ACCEPT_LIMIT = 60.0  # seconds a broker that answers may take to accept a job before the client gives up
 ATTACH_RETRY = 2.0  # seconds between ATTACHes while the broker does not answer one
 LEASE_GRACE = max(10.0, 3 * SILENCE_LIMIT)  # past the lease, how long a client waits to hear it from the broker
 
@@ -428,12 +429,24 @@ class Job(Stream):
             header["dt"] = 1
         self.submission = (header, payload)
         self.accepted = None  # how many heartbeat answers the connection had when the job was accepted
+        self.submitted_at = time.monotonic()
         self.spooled = 0  # a detached job's inputs the broker has on disk
         self.seal_sent = False
         self.view.job_id(self.id.hex())
         header["nm"] = name or job_name(function_)
         self.view.name(header["nm"])
         self.send(P.SUBMIT, header, payload)
+
+    def check_accepted(self):
+        """A broker that answers heartbeats but never took the job (its SUBMIT lost, say) must not leave the
+        client waiting for ever."""
+        if self.accepted is None:
+            if time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
+                raise errors.ClusterConnectionError(unreachable(self.conn.address))
+            if time.monotonic() - self.submitted_at > ACCEPT_LIMIT:
+                raise errors.ClusterConnectionError(
+                    f"the burla broker at {self.conn.address} answers, but did not take the job within "
+                    f"{ACCEPT_LIMIT:.0f} s of its submission")
 
     # ---------------------------------------------------------------- sending
     def batch_size(self):
@@ -547,8 +560,7 @@ class Job(Stream):
         try:
             self.fill()
             while self.outstanding or not self.exhausted:
-                if self.accepted is None and time.monotonic() - max(self.heard, self.conn.heard) > SILENCE_LIMIT:
-                    raise errors.ClusterConnectionError(unreachable(self.conn.address))
+                self.check_accepted()
                 for run in self.receive():
                     yield run
                 self.fill()
@@ -571,6 +583,7 @@ class Job(Stream):
                     raise errors.ClusterConnectionError(
                         f"no word from the burla broker at {self.conn.address} for {SILENCE_LIMIT:.0f} s while "
                         "uploading the detached job's inputs")
+                self.check_accepted()
                 self.fill()
                 for _ in self.receive():
                     pass

@@ -328,8 +328,7 @@ class _Feed(client.Job):
         return bool(self.feed or self.outstanding)
 
     def idle(self):
-        if self.accepted is None and time.monotonic() - max(self.heard, self.conn.heard) > client.SILENCE_LIMIT:
-            raise errors.ClusterConnectionError(client.unreachable(self.conn.address))
+        self.check_accepted()
         super().idle()
 
     def fill(self):

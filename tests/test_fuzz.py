@@ -24,7 +24,7 @@ from burla import remote_parallel_map
 from burla.client import cluster_state
 from test_security import SecureCluster
 
-TARGET = 10_000  # messages per role, at least
+TARGET = 6_000  # messages per role, at least
 PER_EXAMPLE = (25, 40)  # messages drawn per hypothesis example
 # Generation only: a failure is reported as found (shrinking it would replay examples against a broker whose state
 # has moved on), and no example database is written.

@@ -223,7 +223,46 @@ def test_a_job_cancelled_elsewhere_ends_cancelled_not_failed(cluster):
 
     import threading
 
-    threading.Thread(target=cancel_soon, daemon=True).start()
+    canceller = threading.Thread(target=cancel_soon, daemon=True)
+    canceller.start()
     with pytest.raises(burla.JobCancelledError):
         list(runs)
+    canceller.join(10)  # (its cancel() waits to see the job stop: not past this test's cluster)
     assert closed == ["cancelled"]
+
+
+def test_a_broker_that_answers_but_never_takes_the_job_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    import threading
+
+    import msgpack
+    import zmq
+
+    from burla import client, protocol as P
+
+    monkeypatch.setattr(client, "ACCEPT_LIMIT", 2.0)
+    address = f"ipc://{tmp_path}/deaf"
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(address)
+    stop = threading.Event()
+
+    def deaf_broker():  # answers heartbeats, drops everything else
+        while not stop.is_set():
+            if router.poll(100):
+                frames = router.recv_multipart()
+                if frames[3:4] == [P.HEARTBEAT]:
+                    router.send_multipart([frames[0], b"", P.VERSION, P.HEARTBEAT, msgpack.packb({"jobs": []})])
+
+    thread = threading.Thread(target=deaf_broker, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(burla.ClusterConnectionError, match="did not take the job"):
+            remote_parallel_map(square, range(3), cluster=address, spinner=False)
+        with pytest.raises(burla.ClusterConnectionError, match="did not take the job"):
+            remote_parallel_map(square, range(3), cluster=address, spinner=False, detach=True)
+        assert time.monotonic() - started < 30
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close(0)
