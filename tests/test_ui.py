@@ -286,6 +286,7 @@ def test_panel_keeps_up_with_a_big_job(lab, cluster):
         history = json.loads(text)
         assert len(text) < 300_000 and len(history["points"]) <= 300 and len(history["bars"]) <= 1500
         assert history["points"][-1][1] == 100_000
+        panel.locator(f'.burla-job[data-job="{job_id}"] .burla-job-name').click()  # (the lab is shared: choose it)
         panel.locator(".burla-tab-charts").click()
         expect(panel.locator(".burla-progress-chart")).to_contain_text("100% done", timeout=10_000)
         rects = panel.locator(".burla-timeline rect").count()
