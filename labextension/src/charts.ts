@@ -120,7 +120,15 @@ export function progressChart(history: IHistory, job: IJob | undefined, width: n
   const points = history.points;
   const r = rates(points);
   if (!r.length) {
-    return empty(width, 'burla-progress-chart', 'no progress recorded yet');
+    if (!points.length) {
+      return empty(width, 'burla-progress-chart', 'no progress recorded yet');
+    }
+    // one point: a job over within one bucket has no rate to draw, but how far it got is known
+    const last = points[points.length - 1];
+    const n = Math.max(job ? total(job) : 0, last[1], 1);
+    return svg(width, 2 * LABEL, 'burla-progress-chart',
+      text(0, LABEL + 2, `${compact(last[1])} calls, too quick to chart`) +
+      text(width, LABEL + 2, `${Math.floor((100 * Math.min(last[1], n)) / n)}% done`, 'end'));
   }
   const [t0, t1] = timeSpan(history);
   const top = LABEL + 3;

@@ -75,7 +75,11 @@ describe('charts', () => {
     expect(svg).toContain('class="burla-failed-line"'); // (some calls failed)
     expect(svg).toContain('5 calls/s now · peak 20');
     expect(svg).toContain('40% done');
-    expect(progressChart(history({ points: [[100, 0, 0, 0]] }), job, 200)).toContain('no progress recorded yet');
+    expect(progressChart(history({ points: [] }), job, 200)).toContain('no progress recorded yet');
+    // a job over within one bucket: one point, no rate, but how far it got
+    const quick = progressChart(history({ points: [[100, 10, 0, 0]] }), { ...job, done: 10, total: 10 }, 200);
+    expect(quick).toContain('100% done');
+    expect(quick).toContain('too quick to chart');
   });
 
   it('draws a band per worker and the job\'s slots', () => {
