@@ -494,11 +494,9 @@ def _handle(job_id, address, api_key):
 
 
 def _seconds(s):
-    if s < 60:
-        return f"{s:.1f}s"
-    if s < 3600:
-        return f"{int(s // 60)}m{int(s % 60):02d}s"
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    from burla.progress import _duration
+
+    return _duration(s, unit="s")
 
 
 def _done_of(st):

@@ -212,9 +212,10 @@ def _calls(n):
     return f"{n:,} call{'' if n == 1 else 's'}"
 
 
-def _duration(seconds):
+def _duration(seconds, unit=" s"):
+    """4.9 s, 2m05s, 1h07m (unit: how seconds are written, "s" in the CLI's tables)."""
     if seconds < 60:
-        return f"{seconds:.1f} s"
+        return f"{seconds:.1f}{unit}"
     if seconds < 3600:
         return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
