@@ -195,6 +195,7 @@ class Stream:
         self.attaching = None  # when the ATTACH that is not answered yet was sent
         self.per_call = self.result_bytes = None
         self.logs = None  # a list to keep the log lines in, for Job.logs()
+        self.received = 0  # outcomes taken
 
     def send(self, command, header, payload=()):
         try:
@@ -376,6 +377,7 @@ class Stream:
             del self.outstanding[start]
             self.outstanding_bytes -= pending.size
             self.complete.add(start)
+        self.received += sum(len(v) for _, v in runs)
         self.view.advance(sum(len(v) for _, v in runs), header.get("w"), failed, header.get("t"))
         return [(start + k, v) for k, v in runs]
 
@@ -646,6 +648,10 @@ class Reader(Stream):
         self.acknowledge(force=True)
         self.closed = True
         self.conn.active.discard(self.id)
+        if self.total is None and self.final_state() == "done" and self.received:
+            # (the END entry can come before the ATTACHED that says how many inputs: a done job had this many)
+            self.total = self.received
+            self.view.total_known(self.received)
         self.view.close(self.final_state())
         self.conn.release(self.sock)
 
