@@ -215,15 +215,17 @@ class Stream:
         self.attaching = time.monotonic()
         P.send(self.sock, P.ATTACH, header, flags=zmq.NOBLOCK)
 
-    def receive(self):
-        """Wait up to 250 ms for messages; yield (first index, values) runs of new outcomes."""
+    def receive(self, wait=250):
+        """Wait up to `wait` ms for messages (0: take what is there; an Executor's thread polls many jobs);
+        yield (first index, values) runs of new outcomes."""
         __tracebackhide__ = True
-        if not self.sock.poll(250):
-            self.idle()
+        if not self.sock.poll(wait):
+            if wait:
+                self.idle()
             return
         while True:
             try:
-                command, header, payload = P.recv(self.sock)
+                command, header, payload = P.recv(self.sock, zmq.NOBLOCK)
             except zmq.Again:
                 break
             except P.VersionMismatch as e:
@@ -377,8 +379,9 @@ class Stream:
             del self.outstanding[start]
             self.outstanding_bytes -= pending.size
             self.complete.add(start)
-        self.received += sum(len(v) for _, v in runs)
-        self.view.advance(sum(len(v) for _, v in runs), header.get("w"), failed, header.get("t"))
+        taken = sum(len(v) for _, v in runs)
+        self.received += taken
+        self.view.advance(taken, header.get("w"), failed, header.get("t"))
         return [(start + k, v) for k, v in runs]
 
     def failed_calls(self, exceptions):

@@ -353,30 +353,12 @@ class _Feed(client.Job):
             self.send(P.CANCEL, {"j": self.id, "i": indices[k:k + (1 << 16)]})
 
     def drain(self):
-        """Take what arrived; settle the futures of the outcomes."""
-        while True:
-            try:
-                command, header, payload = P.recv(self.sock, zmq.NOBLOCK)  # (Stream.receive waits; this must not)
-            except zmq.Again:
-                break
-            except P.VersionMismatch as e:
-                raise errors.ClusterConnectionError(str(e)) from None
-            self.heard = time.monotonic()
-            if header.get("j") != self.id:
-                continue
-            q = header.get("q")
-            if q is not None:
-                if q <= self.q:
-                    continue
-                self.q = q
-                self.unacked_bytes += sum(len(f) for f in payload)
-            for start, values in self.handle(command, header, payload):
-                failed = {id(e) for e in self.exceptions}
-                pop = self.futures.pop
-                outcomes = [(pop(start + k), _for_future(value) if id(value) in failed else value, id(value) in failed)
-                            for k, value in enumerate(values) if start + k in self.futures]
-                _settle_many(self.condition, outcomes)
-        self.acknowledge()
+        """Take what arrived, without waiting; settle the futures of the outcomes."""
+        for start, values in self.receive(wait=0):
+            failed, pop = {id(e) for e in self.exceptions}, self.futures.pop
+            outcomes = [(pop(start + k), value, id(value) in failed) for k, value in enumerate(values)
+                        if start + k in self.futures]
+            _settle_many(self.condition, [(f, _for_future(v) if bad else v, bad) for f, v, bad in outcomes])
 
     def on_result(self, header, payload):
         self.exceptions = ()
