@@ -132,6 +132,7 @@ class Job:
         self.cpu = float(header.get("cpu", 1))
         self.ram = float(header.get("ram", 0))
         self.gpu = gpu_request(header.get("gpu"))
+        self.py = header.get("py")  # the client's interpreter: only workers of the same run its calls (None: any)
         self.par = header.get("par")
         self.total = header.get("n")  # inputs in all, if the client knows
         # r: retries, t: timeout, c: go on after a failed call
@@ -167,6 +168,7 @@ class Job:
         self.call_cancels = set()  # inputs whose calls alone were cancelled (option k), until their batch is done
         self.cursors = []  # of connections reading the outbox; the job's client's is cursors[0] when attached
         self.spooled = 0  # a detached job's inputs in the store (told to its client in SPOOLED)
+        self.note = ""  # what its client was last told of its wait for VMs (NOTE)
 
     def complete(self, batch):
         if self.call_cancels:

@@ -11,11 +11,14 @@ it with functions of their own.
 import bisect
 import collections
 import logging
+import re
 import time
 
 import msgpack
 
+from burla import env as E
 from burla import protocol as P
+from burla import security
 from burla.broker.jobs import LOG_KEEP, OUTBOX_MEMORY, Batch, Cursor, Job, Outbox
 from burla.broker.store import Full
 
@@ -50,21 +53,31 @@ class Worker:
         self.gpus = header.get("gpu", [])
         self.env = header.get("env")  # the key of the worker's own environment
         self.runtime = header.get("ctr")  # container runtime: None, "?" (not known yet), name
+        self.py = header.get("py")  # its interpreter (None: an older worker, which says not)
         self.failed_envs = {}  # environment key -> (why this worker could not prepare it, when)
-        self.claims = {}  # slot identity -> (cpu, ram, gpus) its job holds; what is free is derived from these
+        # slot identity -> (cpu, ram, gpus: indices into self.gpus) its job holds; what is free is derived from these
+        self.claims = {}
         self.slots = set()
         self.last_seen = time.monotonic()
+        self.idle_since = self.last_seen  # none of its slots holds a job since then (None: some do)
 
     def free(self):
-        """(cpu, ram, gpus) not claimed by a slot's job: derived from the claims that exist, never a running sum,
-        so no sequence of messages can make them drift."""
-        cpu, ram, gpus = self.cpu, self.ram, list(self.gpus)
+        """(cpu, ram, indices of the GPUs) not claimed by a slot's job: derived from the claims that exist, never
+        a running sum, so no sequence of messages can make them drift. Indices, not names: names repeat ("T4,T4")
+        and a call is given exactly its own GPUs (TASK's gpu)."""
+        cpu, ram, gpus = self.cpu, self.ram, set(range(len(self.gpus)))
         for c, r, claimed in self.claims.values():
             cpu, ram = cpu - c, ram - r
-            for g in claimed:
-                if g in gpus:  # (a worker may register again with fewer)
-                    gpus.remove(g)
-        return cpu, ram, gpus
+            gpus.difference_update(claimed)  # (a worker may register again with fewer: those are ignored)
+        return cpu, ram, sorted(gpus)
+
+    def pick_gpus(self, job, free, prefer=()):
+        """The indices among free that the job's calls get (those in prefer first: a slot keeps its GPUs from
+        job to job, as a CUDA context made in its executor stays on them), or None if too few match."""
+        kind, count = job.gpu
+        fitting = [i for i in free if kind is None or gpu_is(self.gpus[i], kind)]
+        fitting.sort(key=lambda i: i not in prefer)
+        return fitting[:count] if len(fitting) >= count else None
 
     def env_failed(self, key):
         """Why this worker could not prepare that environment lately (a minute: the cause may pass), or None."""
@@ -82,7 +95,11 @@ class Worker:
         worker has found, not "?" while it looks), and an environment it failed to prepare lately is not retried."""
         if job.image is not None and (not self.runtime or (confirmed and self.runtime == "?")):
             return False
-        return not self.env_failed(job.env_key)
+        return self.same_python(job) and not self.env_failed(job.env_key)
+
+    def same_python(self, job):
+        """The job's function was pickled on this worker's interpreter (either side not saying: assumed so)."""
+        return job.py is None or self.py is None or job.py == self.py
 
     def could_fit(self, job):
         return self.takes_env(job, confirmed=False) and \
@@ -92,7 +109,7 @@ class Worker:
         if not self.takes_env(job, confirmed=True):
             return False
         cpu, ram, gpus = self.free()
-        return cpu >= job.cpu and ram >= job.ram and gpus_match(gpus, job.gpu)
+        return cpu >= job.cpu and ram >= job.ram and self.pick_gpus(job, gpus) is not None
 
 
 class Slot:
@@ -105,6 +122,7 @@ class Slot:
         self.inflight = collections.OrderedDict()  # (job id, start) -> (Job, Batch)
         self.credit = P.PREFETCH
         self.functions = collections.OrderedDict()  # digests this slot has cached, in LRU order
+        self.gpus = ()  # the GPU indices its last job with GPUs held here (see Worker.pick_gpus)
 
     def may_serve(self, job):
         return self.owner is None or self.owner == job.owner
@@ -114,7 +132,14 @@ def gpus_match(available, request):
     kind, count = request
     if kind is None:
         return len(available) >= count
-    return sum(1 for g in available if g.lower() == kind.lower()) >= count
+    return sum(1 for g in available if gpu_is(g, kind)) >= count
+
+
+def gpu_is(name, kind):
+    """Whether a worker's GPU of this name is of the kind a job asks for: the name, or one of its words, so that
+    "T4" is "nvidia-tesla-t4" (Compute Engine's) and "H100" is "NVIDIA H100 80GB HBM3" (nvidia-smi's)."""
+    name, kind = name.lower(), kind.lower()
+    return name == kind or kind in re.split(r"[\s_-]+", name)
 
 
 UNKNOWN = "unknown"  # the owner of an executor whose past this broker does not know: it serves nobody
@@ -148,6 +173,7 @@ class Scheduler:
         self.slot_owners = {}  # slot name -> the role its current executor has served (see Slot.owner)
         self.behind = set()  # ids of jobs with a reader that could not take more (its queue was full)
         self.spooled = {}  # job id -> connection to tell (SPOOLED) once this turn's writes are committed
+        self.scaling = None  # the autoscaler's last CAPACITY, with when it came (time.time())
         self.dirty = False
         self.next_sweep = 0.0
         self.handlers = {
@@ -156,6 +182,7 @@ class Scheduler:
             P.STATUS: self.on_status, P.RESULT: self.on_result, P.LOG: self.on_log, P.READY: self.on_ready,
             P.REGISTER: self.on_register, P.SLOT_DIED: self.on_slot_died, P.HEARTBEAT: self.on_heartbeat,
             P.ENV: self.on_env, P.WATCH: self.on_watch, P.SLOT_KEY: self.on_slot_key,
+            P.CAPACITY: self.on_capacity,
         }
         if store is not None:
             self.load()
@@ -389,11 +416,16 @@ class Scheduler:
             return (f"image={job.image!r} needs a worker that can run containers, and none of the "
                     f"{len(self.workers)} workers of this cluster has a container runtime (docker or podman) that "
                     "answers: start workers on hosts with one, or leave image=/dockerfile= out to use packages")
+        if not any(w.same_python(job) for w in self.workers.values()):
+            mine, theirs = E.python_name(job.py), sorted({E.python_name(w.py) for w in self.workers.values()})
+            return (f"no worker in this cluster runs {mine} (its workers run {', '.join(theirs)}), and a function "
+                    f"pickled on one Python may not load on another: start workers on {mine}, or run this on "
+                    f"{' or '.join(theirs)}")
         kind, count = job.gpu
         want = f"func_cpu={job.cpu:g}, func_ram={job.ram:g}" + (f", func_gpu={kind or ''}:{count}" if count else "")
         have = "; ".join(
             f"{w.host} has {w.cpu:g} cpu, {w.ram:g} GB ram, {len(w.gpus)} gpu{' ' + ','.join(w.gpus) if w.gpus else ''}"
-            for w in self.workers.values())
+            + ("" if w.same_python(job) else f" (and runs {E.python_name(w.py)})") for w in self.workers.values())
         return f"no worker in this cluster can ever run a call needing {want}: {have}"
 
     def fitting_slots(self, job):
@@ -670,11 +702,13 @@ class Scheduler:
 
     def state(self, role=None):
         """Workers, and the jobs the asker may see: its own (everything, on an unauthenticated socket)."""
+        now = time.monotonic()
         workers = [{
             "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots),
             "busy": sum(1 for s in w.slots if self.slots[s].job is not None),
             "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus[:64],
             "preparing": sum(1 for s in w.slots if self.slots[s].preparing), "containers": w.runtime,
+            "py": w.py, "idle": round(now - w.idle_since, 1) if w.idle_since is not None else 0.0,
         } for w in self.workers.values()]
         if len(workers) > STATE_WORKERS:  # (a message stays under a frame)
             workers.sort(key=lambda w: -w["busy"])
@@ -684,7 +718,34 @@ class Scheduler:
                           key=lambda j: -j.finished)[:50]
         recent = [{k: v for k, v in r.items() if k != "owner"} for r in self.recent
                   if role is None or r["owner"] == role] + [j.record(full=True) for j in finished]
-        return fit({"workers": workers, "jobs": jobs, "recent": recent, "nworkers": len(self.workers)})
+        return fit({"workers": workers, "jobs": jobs, "recent": recent, "nworkers": len(self.workers),
+                    "demand": self.demand(), "scaling": self.scaling})
+
+    def demand(self):
+        """Every running job's appetite, whoever owns it (counts only): what an autoscaler sizes the cluster by.
+        [want: slots it could use at once, cpu, gpu: per call, g: asked to grow, age: seconds it has run]."""
+        now, rows = time.time(), []
+        for job in self.jobs.values():
+            left = job.remaining()
+            left = sum(b.n for b in job.queue) + len(job.slots) if left is None else left
+            want = min(left, job.par) if job.par else left
+            if want > 0 and job.state == "running":
+                rows.append([want, job.cpu, job.gpu[1], int(bool(job.options.get("g"))), round(now - job.started, 1)])
+        rows.sort(key=lambda r: -r[0] * r[1])
+        return rows[:1000]
+
+    def on_capacity(self, ident, h, payload, role=None):
+        """The autoscaler's news. Only the cluster's admin (its first API key) speaks for the cluster; the clients
+        of jobs that asked to grow and still wait for slots hear how many VMs are on their way."""
+        if role is not None and (self.keys is None or role != security.client_role(self.keys.api_keys[0])):
+            raise P.ProtocolError("only the cluster's first API key may send CAPACITY")
+        self.scaling = dict(h, at=time.time())
+        for job in self.jobs.values():
+            if job.options.get("g") and job.client is not None:
+                note = f"waiting for {h['b']} VM{'s' if h['b'] != 1 else ''} to boot" if h["b"] and job.queue else ""
+                if note != job.note:
+                    job.note = note
+                    self.send(job.client, P.NOTE, {"j": job.id, "m": note}, keep=True)
 
     def on_watch(self, ident, h, payload, role=None):
         new = ident not in self.watchers
@@ -887,12 +948,13 @@ class Scheduler:
 
     # ---------------------------------------------------------------- scheduling
     def bind(self, slot, worker, job):
-        kind, count = job.gpu
-        gpus = [g for g in worker.free()[2] if kind is None or g.lower() == kind.lower()][:count]
+        gpus = worker.pick_gpus(job, worker.free()[2], slot.gpus) or []
+        slot.gpus = gpus or slot.gpus
         worker.claims[slot.ident] = (job.cpu, job.ram, gpus)
         slot.job = job
         slot.owner = self.slot_owners[slot.name] = job.owner  # from now on this executor serves only this owner
         job.slots.add(slot)
+        worker.idle_since = None
 
     def unbind(self, slot):
         job = slot.job
@@ -903,6 +965,8 @@ class Scheduler:
         worker = self.workers.get(slot.worker_id)
         if worker is not None:
             worker.claims.pop(slot.ident, None)
+            if not worker.claims:
+                worker.idle_since = time.monotonic()
 
     def pick_job(self, slot, worker):
         for _ in range(len(self.order)):
@@ -1011,6 +1075,9 @@ class Scheduler:
             header["x"] = batch.isolate
         if batch.skip:
             header["sk"] = sorted(batch.skip)
+        worker = self.workers.get(slot.worker_id)
+        if worker is not None and worker.gpus:  # the GPUs its calls may see: exactly those of the claim
+            header["gpu"] = list(worker.claims.get(slot.ident, (0, 0, []))[2])
         if job.call_cancels:
             cancelled = [i - batch.start for i in job.call_cancels if batch.start <= i < batch.start + batch.n]
             if cancelled:

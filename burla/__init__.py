@@ -10,7 +10,7 @@ from burla.errors import (BurlaError, CallTimeoutError, ClusterConnectionError, 
                           JobCancelledError, JobExpiredError, JobNotFoundError, NoCompatibleWorkerError, RemoteError,
                           WorkerDiedError)
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 __all__ = ["remote_parallel_map", "Executor", "Job", "attach", "jobs", "BurlaError", "CallTimeoutError", "ClusterConnectionError",
            "EnvironmentBuildError", "JobCancelledError", "JobExpiredError", "JobNotFoundError", "NoCompatibleWorkerError",
            "RemoteError", "WorkerDiedError"]

@@ -304,6 +304,8 @@ class Stream:
             self.ended = (header.get("st", "done"), header.get("e"))
         elif command == P.ENV:
             self.view.env(header)
+        elif command == P.NOTE:
+            self.view.note(header.get("m", ""))
         elif command == P.REJECTED:
             self.attaching = None
             return self.on_rejected(header)
@@ -422,7 +424,8 @@ class Job(Stream):
         self.item_bytes = None
         payload = serialize.split(function_bytes)
         header = {"j": self.id, "c": conn.client_id, "d": digest, "fn": len(payload), "n": self.total, "cpu": cpu,
-                  "ram": ram, "gpu": gpu, "par": parallelism, "o": options, "ls": self.lease}
+                  "ram": ram, "gpu": gpu, "par": parallelism, "o": options, "ls": self.lease,
+                  "py": env.python()}  # (only workers of this Python can load the pickled function)
         parent = os.environ.get("BURLA_PARENT", "")  # a call of another job (nested): its job and slot
         if re.fullmatch(r"[0-9a-f]{16}:\S+", parent):
             header["pa"] = {"j": bytes.fromhex(parent[:16]), "s": parent[17:]}
@@ -771,7 +774,7 @@ def remote_exception(info, frames):
 
 
 def job_settings(func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None, retries=0, timeout=None,
-                 return_exceptions=False, packages=None, image=None, dockerfile=None):
+                 return_exceptions=False, packages=None, image=None, dockerfile=None, grow=False):
     """What a job asks of the cluster, checked: Job's keyword arguments (remote_parallel_map's and Executor's)."""
     for name, value, most in (("func_cpu", func_cpu, 1e6), ("func_ram", func_ram, 1e9)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= most:
@@ -788,7 +791,10 @@ def job_settings(func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None, re
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or
                                 not 0 < timeout <= 1e9):
         raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
-    options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions)))) if v}
+    if not isinstance(grow, bool):
+        raise ValueError(f"grow must be True or False, not {grow!r}")
+    options = {k: v for k, v in (("r", retries), ("t", timeout), ("c", int(bool(return_exceptions))),
+                                 ("g", int(grow))) if v}
     if image is not None or dockerfile is not None:
         if packages is not None:
             raise ValueError("an image brings its own packages: give packages= or image=/dockerfile=, not both")
@@ -802,7 +808,7 @@ def job_settings(func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None, re
 def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=None, max_parallelism=None,
                         generator=False, spinner=True, retries=0, timeout=None, return_exceptions=False,
                         packages=None, image=None, dockerfile=None, api_key=None, cluster=None, parallelism=None,
-                        verbose=None, detach=False):
+                        verbose=None, detach=False, grow=False):
     """Call function_(x) for every x in inputs, in parallel on the cluster's workers.
 
     Returns the results as a list in input order, or with generator=True an iterator yielding them as they
@@ -820,6 +826,8 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     image / dockerfile: run the calls in this container image (or one built from this Dockerfile) on workers with
     a container runtime.
     cluster: "tcp://HOST:PORT", "local", or None for $BURLA_CLUSTER / ~/.burla/config.toml / the embedded cluster.
+    grow: on a cluster with an autoscaler (`burla cluster up --max-workers`), boot enough worker VMs for this job
+    now (up to the maximum) instead of only once its work has waited; the progress line says how many it waits for.
     detach: upload every input to the cluster's head (its disk) and return a burla.Job at once; the job runs to
     its end with no client, and burla.attach(job.id) picks it up from any process with the same API key.
     A job that is not detached survives outages too: its client reconnects for up to $BURLA_JOB_LEASE seconds
@@ -839,7 +847,7 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     if verbose is not None:
         spinner = verbose
     settings = job_settings(func_cpu, func_ram, func_gpu, max_parallelism, retries, timeout, return_exceptions,
-                            packages, image, dockerfile)
+                            packages, image, dockerfile, grow)
     if calling.wants_unpacking(function_):  # f(a, b) over [(1, 2), ...]: each tuple is its arguments
         function_ = calling.Star(function_)
 
@@ -900,13 +908,16 @@ def request(conn, command, header, timeout=5.0):
         sock.close(0)
 
 
-def cluster_state(address, timeout=3.0, api_key=None):
-    """The broker's view of its workers and the asker's jobs (what `burla status` prints)."""
+def cluster_state(address, timeout=3.0, api_key=None, capacity=None):
+    """The broker's view of its workers and the asker's jobs (what `burla status` prints). capacity: a CAPACITY
+    header to send first (the cluster's autoscaler saying what it does)."""
     ctx = zmq.Context.instance()
     sock = P.socket(ctx, zmq.DEALER, credential=config.api_key(api_key) if address.startswith("tcp://") else None,
                     role=security.CLIENT)
     sock.connect(address)
     try:
+        if capacity is not None:
+            P.send(sock, P.CAPACITY, capacity)
         P.send(sock, P.STATUS, {})
         if not sock.poll(timeout * 1000):
             raise TimeoutError(f"no answer from a burla broker at {address} within {timeout:g} s")

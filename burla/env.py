@@ -81,6 +81,18 @@ def interpreter():
     return f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}".replace("_", "-")
 
 
+def python():
+    """This interpreter as workers and jobs name it (REGISTER's and SUBMIT's py): a pickled function loads on
+    the same one."""
+    return sys.implementation.cache_tag
+
+
+def python_name(tag):
+    """"cpython-312" -> "Python 3.12" (what a user reads); another implementation's tag as it is."""
+    found = re.fullmatch(r"cpython-(\d)(\d+)", tag or "")
+    return f"Python {found[1]}.{found[2]}" if found else str(tag)
+
+
 def normalize(name):
     return re.sub(r"[-_.]+", "-", name).lower()
 

@@ -97,6 +97,11 @@ class TerminalView:
         self.write("", f"burla: worker {header.get('w')}: environment {str(header.get('k'))[:8]}: {ready}"
                        f"{header.get('m')} ({header.get('t', 0):.1f} s)\n")
 
+    def note(self, text):
+        """News about the job's wait (the cluster booting VMs for it); "" when it is over."""
+        if text:
+            self.write("", f"burla: {text}\n")
+
     def write(self, out, err):
         if self.bar is not None:
             self.bar.clear()

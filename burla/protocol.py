@@ -14,7 +14,7 @@ import struct
 import msgpack
 import zmq
 
-VERSION = b"B4"  # bumped whenever the wire changes: a peer of another version is told at once (VERSION_NOTICE)
+VERSION = b"B5"  # bumped whenever the wire changes: a peer of another version is told at once (VERSION_NOTICE)
 # Sent back to a peer whose message carries another protocol version: [b"", VERSION_NOTICE, {v, burla}], a form
 # every version after B1 understands, so a client or worker can say which versions meet and what to install.
 VERSION_NOTICE = b"burla-version"
@@ -29,9 +29,12 @@ SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, fn: frames of the
 #                re?: 1 = the same job again, to a broker that lost it (restarted), rs: outcomes the client has,
 #                sl?: the slots the client was told (its window of batches in flight, which it resends),
 #                nm?: what dashboards call the job (its function's name, and the notebook cell that started it)
+#                py?: the client's interpreter, sys.implementation.cache_tag ("cpython-311"): only workers of the
+#                same run it (its pickled function may not load on another); absent: any worker
 #                payload: [function frames, then the local packages zip's frames (when the env key has an archive)]
 # options: {r: retries per call, t: timeout per call in seconds, c: 1 = a failed call does not stop the job,
-#           k: 1 = its calls may be cancelled one by one (burla.Executor)}
+#           k: 1 = its calls may be cancelled one by one (burla.Executor), g: 1 = grow the cluster for this job now
+#           (an autoscaler boots VMs for it at once, not only once its work has waited; see burla.autoscale)}
 BATCH = b"B"  # {j, i, n, z: frame flags (see burla.serialize)}  payload: pickled inputs
 SEAL = b"N"  # {j, n}: the client has sent all n inputs (a detached job, or an attached one, is complete once every
 #              one has an outcome)
@@ -49,7 +52,10 @@ CANCEL = b"C"  # {j, i?: [input indices]}: the job, or only the calls on these i
 STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...], recent: [...]}
 WATCH = b"O"  # {}: push STATE every WATCH_INTERVAL, and a copy of the LOG lines of the watcher's jobs, for the
 #               next WATCH_EXPIRY seconds (a dashboard renews it every second)
-STATE = b"U"  # broker -> watcher: what STATUS answers
+STATE = b"U"  # broker -> watcher: what STATUS answers (with demand: every job's unmet work, for an autoscaler)
+CAPACITY = b"M"  # {b: VMs booting, n: worker VMs, mx: the most there may be}: the cluster's autoscaler says what
+#                  it is doing (only a cluster's admin, its first API key, may); STATE shows it as "scaling", and
+#                  the clients of jobs that asked to grow are told (NOTE) while they wait for VMs
 # broker -> client
 ACCEPTED = b"A"  # {j, s: slots that fit the job}
 REJECTED = b"X"  # {j, e: message, t?: "env" when the job's environment could not be built, "cancelled" when
@@ -57,6 +63,7 @@ REJECTED = b"X"  # {j, e: message, t?: "env" when the job's environment could no
 #                  never get a slot, "credit" when the client sent past its window}
 ATTACHED = b"g"  # {j, st: state, n: inputs (when known), sealed, dt, done, failed, sent, have: [starts of the
 #                  batches the broker holds: the client resends its others], s: slots, o: options, started}
+NOTE = b"n"  # {j, m: text}: news about the job's wait for the progress line ("waiting for 12 VMs"); m "" clears it
 SPOOLED = b"s"  # {j, n: inputs of a detached job safely on the head's disk, sealed?: 1 once all are}
 RESULT = b"R"  # {j, i: batch, o: offset of the first result, k: results, e: [errors], f: 1 on a batch's last,
 #                 t: seconds computing, w: slot, z}  payload: results, then one pickled exception per error
@@ -65,7 +72,8 @@ LOG = b"L"  # {j, w: slot, l: [[input index, stream (1 stdout, 2 stderr), text],
 #             (q to a client)
 # worker (the supervisor of a host's executors) -> broker
 REGISTER = b"W"  # {w: worker id, host, slots, cpu, ram, gpu: [gpu names], pid, env: its own environment's key,
-#                  ctr: container runtime it can run images with, None, or "?" while it finds out}
+#                  ctr: container runtime it can run images with, None, or "?" while it finds out,
+#                  py?: its interpreter, sys.implementation.cache_tag (absent, from an older worker: takes any job)}
 SLOT_KEY = b"Q"  # {w, s: slot name, p: CURVE public key (z85), new: 1 for a new executor's key (0: announced
 #                  again, to a broker that restarted)}: the key the slot's executor connects with; it replaces the
 #                  slot's previous key. Executors never hold the worker token.
@@ -85,7 +93,9 @@ READY = b"Y"  # {w, s: slot name "worker id/index", k: batches it can hold, pid,
 TASK = b"T"  # {j, i, n, d, z, f: frames of the function in front (first TASK of a job on a slot), o: options,
 #               cc?: offsets of inputs whose calls were cancelled (option k): they fail without running,
 #               x: isolate from this offset, sk: offsets to skip (inputs that already failed by crashing
-#               executors), ak?: the owner's API key (for nested calls), with f}
+#               executors), ak?: the owner's API key (for nested calls), with f,
+#               gpu?: [indices into the worker's GPUs] the job's claim on this slot holds, sent only by a worker
+#               with GPUs: the executor sets CUDA_VISIBLE_DEVICES to them ("" for none)}
 #               payload: [function frames,] inputs
 # broker -> anyone it does not know (it restarted, or declared the peer dead): register again
 RECONNECT = b"Z"
@@ -97,7 +107,7 @@ NAMES = {v: k for k, v in dict(globals()).items() if isinstance(v, bytes) and le
 
 # What each authenticated role may send: a worker cannot submit jobs, a client cannot post results or logs, an
 # executor ("slot:<its name>") speaks only for its own slot.
-CLIENT_COMMANDS = {SUBMIT, BATCH, SEAL, ACK, ATTACH, JOBS, END, CANCEL, STATUS, WATCH, HEARTBEAT}
+CLIENT_COMMANDS = {SUBMIT, BATCH, SEAL, ACK, ATTACH, JOBS, END, CANCEL, STATUS, WATCH, CAPACITY, HEARTBEAT}
 WORKER_COMMANDS = {REGISTER, SLOT_KEY, SLOT_DIED, ENV, HEARTBEAT}
 SLOT_COMMANDS = {READY, RESULT, LOG, HEARTBEAT}
 
@@ -210,12 +220,13 @@ SCHEMAS = {  # command -> (fields, required)
     SUBMIT: ({"j": JOB_ID, "c": binary(most=16), "d": binary(16), "fn": integer(1, 1 << 16), "n": optional(INDEX),
               "cpu": number(0, 1e6, above=True), "ram": number(0, 1e9), "gpu": GPU,
               "par": optional(integer(1, 1 << 31)),
-              "o": optional(record({"r": integer(0, 1000), "t": number(0, 1e9, above=True), "c": FLAG, "k": FLAG})),
+              "o": optional(record({"r": integer(0, 1000), "t": number(0, 1e9, above=True), "c": FLAG, "k": FLAG,
+                                      "g": FLAG})),
               "pa": record({"j": JOB_ID, "s": SLOT}, ("j", "s")),
               "env": optional(record({"k": text(64, ENV_KEY), "lock": text(1 << 20), "py": text(256),
                                       "img": text(1024), "df": text(1 << 18)}, ("k",))),
               "dt": FLAG, "ls": number(1, 30 * 86400), "re": FLAG, "rs": INDEX, "sl": integer(0, 1 << 20),
-              "nm": text(200)},
+              "nm": text(200), "py": text(32)},
              ("j", "d")),
     BATCH: ({"j": JOB_ID, "i": INDEX, "n": integer(1, MAX_BATCH_ITEMS), "z": FLAGS}, ("j", "i", "n", "z")),
     SEAL: ({"j": JOB_ID, "n": INDEX}, ("j", "n")),
@@ -227,10 +238,12 @@ SCHEMAS = {  # command -> (fields, required)
     CANCEL: ({"j": JOB_ID, "i": list_of(INDEX, 1 << 16)}, ("j",)),
     STATUS: ({}, ()),
     WATCH: ({}, ()),
+    CAPACITY: ({"b": integer(0, 1 << 20), "n": integer(0, 1 << 20), "mx": integer(0, 1 << 20)}, ("b", "n", "mx")),
     HEARTBEAT: ({"c": binary(most=16), "w": text(128), "j": JOB_ID}, ()),
     REGISTER: ({"w": text(128, NAME), "host": text(256), "pid": optional(integer(0, 1 << 31)),
                 "slots": integer(1, 100_000), "cpu": number(0, 1e6), "ram": number(0, 1e9),
-                "gpu": list_of(text(64), 1024), "env": optional(text(64, ENV_KEY)), "ctr": optional(text(16))},
+                "gpu": list_of(text(64), 1024), "env": optional(text(64, ENV_KEY)), "ctr": optional(text(16)),
+                "py": text(32)},
                ("w", "slots")),
     SLOT_KEY: ({"w": text(128), "s": SLOT, "p": CURVE_KEY, "new": FLAG}, ("w", "s", "p")),
     READY: ({"w": text(128), "s": SLOT, "k": integer(1, PREFETCH), "pid": optional(integer(0, 1 << 31)),

@@ -96,6 +96,7 @@ class JobWidget:
         self.title = name or title
         self.id = None  # the job's id: burla.attach(id) picks it up again, after a kernel restart too
         self.away = False  # the broker does not answer: the job goes on, and we reconnect
+        self.waiting = ""  # the cluster is booting VMs for the job (NOTE)
         # A class of this job's own, for its search rule. (The view's other classes are burla-v-*: the panel's
         # stylesheet styles its own burla-* classes on the whole page.)
         self.key = f"burla-k{secrets.token_hex(4)}"
@@ -246,6 +247,13 @@ class JobWidget:
         self.logs_changed.add(None)
         self.changed()
 
+    def note(self, text):
+        self.waiting = str(text)
+        if text:
+            self.all_log.append((None, 2, f"[cluster] {text}"))
+            self.logs_changed.add(None)
+        self.changed()
+
     def total_known(self, total):
         self.total = total
         self.changed()
@@ -314,7 +322,8 @@ class JobWidget:
     def word(self):
         word = STATES[self.state][1]
         if self.state == "running":
-            word = "stopped watching (the job goes on)" if self.closed else "reconnecting" if self.away else word
+            word = "stopped watching (the job goes on)" if self.closed else "reconnecting" if self.away else \
+                self.waiting or word
         return word
 
     def header_html(self):

@@ -19,7 +19,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
-from burla import protocol as P, security, serialize
+from burla import env as E, protocol as P, security, serialize
 from burla import remote_parallel_map
 from burla.client import cluster_state
 from test_security import SecureCluster
@@ -277,7 +277,8 @@ GOOD = {  # command -> field -> plausible values (most pass P.check)
                    "r": st.integers(0, 2), "t": st.floats(0.5, 5), "c": st.integers(0, 1)})),
                "pa": st.fixed_dictionaries({"j": job_id, "s": slot_name}),
                # (an env that passes would make the worker build an environment: minutes, not a fuzz case)
-               "env": st.one_of(st.none(), st.just({"k": "not-a-key"}))},
+               "env": st.one_of(st.none(), st.just({"k": "not-a-key"})),
+               "py": st.sampled_from([E.python(), "cpython-399"])},
     P.BATCH: {"j": job_id, "i": start, "n": st.integers(1, 3), "z": flags},
     P.END: {"j": job_id},
     P.CANCEL: {"j": job_id},
@@ -285,7 +286,8 @@ GOOD = {  # command -> field -> plausible values (most pass P.check)
     P.REGISTER: {"w": worker_id, "host": st.text(max_size=8), "pid": st.one_of(st.none(), st.integers(0, 2 ** 31)),
                  "slots": st.integers(1, 100_000), "cpu": st.floats(0, 1e6), "ram": st.floats(0, 1e9),
                  "gpu": st.lists(st.sampled_from(["A100", "T4", ""]), max_size=3),
-                 "env": st.one_of(st.none(), env_key), "ctr": st.sampled_from([None, "?", "podman"])},
+                 "env": st.one_of(st.none(), env_key), "ctr": st.sampled_from([None, "?", "podman"]),
+                 "py": st.sampled_from([E.python(), "cpython-399"])},
     P.SLOT_KEY: {"w": worker_id, "s": slot_name, "p": st.binary(min_size=40, max_size=40), "new": st.integers(0, 1)},
     P.SLOT_DIED: {"w": worker_id, "s": slot_name, "code": st.one_of(st.none(), st.integers(-256, 1 << 16)),
                   "at": st.fixed_dictionaries({"j": job_id, "i": start, "o": st.integers(-1, 4)}),

@@ -61,6 +61,8 @@ class Executor:
         self.call_cancels = set()  # (job, input index) of calls cancelled one by one
         self.control_buffer, self.reready = b"", False
         self.worker_pidfd = None  # in a container: readable once the worker has exited
+        # The GPUs the worker was started with visible (None: all of the host's); TASK's gpu indexes into them.
+        self.host_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
 
     def run(self):
         self.ctx = zmq.Context()
@@ -195,6 +197,9 @@ class Executor:
             return self.reply({"j": job, "i": start, "o": 0, "k": 0, "f": 1}, [], [])
         options, isolate = header.get("o") or {}, header.get("x")
         self.job = job
+        if "gpu" in header:  # (only a worker with GPUs says: elsewhere the variable is left as it is)
+            os.environ["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER") or "PCI_BUS_ID"  # nvidia-smi's
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(header["gpu"], self.host_gpus)
         sys.stdout, sys.stderr = self.fresh_streams()  # again: a previous call may have replaced or closed them
         try:
             function, payload = self.function(header, payload)
@@ -405,6 +410,15 @@ class Executor:
             streams.append(capture)
         self.streams = tuple(streams)
         return self.streams
+
+
+def visible_devices(indices, host_gpus):
+    """CUDA_VISIBLE_DEVICES for a claim's indices into the worker's GPUs: those of the host, or the ones the
+    worker itself was restricted to; "" for none, so that a job without GPUs does not take any."""
+    if host_gpus:
+        visible = host_gpus.split(",")
+        return ",".join(visible[i] for i in indices if 0 <= i < len(visible))
+    return ",".join(str(i) for i in indices)
 
 
 def call_budget(options):

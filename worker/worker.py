@@ -453,6 +453,7 @@ class Worker:
         P.send(self.sock, P.REGISTER, {
             "w": self.id, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
             "cpu": self.cpu, "ram": self.ram, "gpu": self.gpus, "env": self.own_env, "ctr": self.runtime,
+            "py": E.python(),
         })
 
     # ---------------------------------------------------------------- environments
