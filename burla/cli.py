@@ -18,6 +18,29 @@ def parse_gpus(spec):
     return gpus
 
 
+def detect_gpus(timeout=10.0):
+    """This host's GPUs by name, as nvidia-smi lists them (PCI bus order, the order CUDA_VISIBLE_DEVICES's
+    indices follow on our executors); only those CUDA_VISIBLE_DEVICES leaves visible, if it is set. No nvidia-smi,
+    or one that fails or hangs: no GPUs."""
+    import os
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=timeout, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = [[field.strip() for field in line.split(",", 2)] for line in out.splitlines() if line.count(",") >= 2]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [name for _, _, name in rows]
+    # (the executors index into the worker's visible GPUs: see burla.worker.executor.visible_devices)
+    return [name for v in visible.split(",") for index, uuid, name in rows if v.strip() in (index, uuid)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="burla", description="Run Python functions on many machines at once.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,7 +64,8 @@ def main(argv=None):
     p.add_argument("--slots", type=int, help="calls run at once (default: cpu count)")
     p.add_argument("--cpu", type=float, help="cpus to advertise (default: this host's)")
     p.add_argument("--ram", type=float, help="GB of RAM to advertise (default: this host's)")
-    p.add_argument("--gpus", default="", help="GPUs to advertise: 'A100:4', '2' or 'A100,T4'")
+    p.add_argument("--gpus", help="GPUs to advertise: 'A100:4', '2' or 'A100,T4'; '0' for none (default: those "
+                                  "nvidia-smi lists, if it is installed)")
     p.add_argument("--name", help="worker id (default: HOST-PID)")
     p.add_argument("--token-file", help="a file (mode 0600) holding the broker's worker token, bw1-... (default: "
                                         "$BURLA_WORKER_TOKEN)")
@@ -77,23 +101,33 @@ def main(argv=None):
     common.add_argument("--provider", choices=["gce"], default="gce")
     common.add_argument("--project", required=True, help="the Google Cloud project")
     common.add_argument("--name", default="burla", help="the cluster's name: its VMs' label (default %(default)s)")
-    c = csub.add_parser("up", parents=[common], help="create a head VM (broker) and worker VMs")
+    c = csub.add_parser("up", parents=[common], help="create a head VM (broker, autoscaler) and worker VMs")
     c.add_argument("--zone", required=True, help="e.g. us-central1-a")
-    c.add_argument("--workers", type=int, required=True, help="worker VMs (each runs a slot per core)")
-    c.add_argument("--machine-type", default="n2-standard-4")
-    c.add_argument("--spot", action="store_true", help="spot VMs (a preempted worker's work runs again elsewhere)")
+    c.add_argument("--workers", type=int, required=True, help="worker VMs to start with (each runs a slot per core)")
+    c.add_argument("--min-workers", type=int, help="the autoscaler keeps at least this many (default: --workers)")
+    c.add_argument("--max-workers", type=int, help="the autoscaler boots at most this many (default: --workers)")
+    c.add_argument("--idle-minutes", type=float,
+                   help="delete worker VMs idle this long, down to --min-workers (default: never)")
+    c.add_argument("--machine-type", default="n2-standard-4", help="the workers' (default %(default)s)")
+    c.add_argument("--head-machine-type", default="e2-standard-2", help="the head's (default %(default)s)")
+    c.add_argument("--spot", action="store_true", help="spot VMs (a preempted worker's work runs again elsewhere, "
+                                                       "and the autoscaler boots another)")
     c.add_argument("--gpu", help="accelerators per worker, TYPE:COUNT, e.g. nvidia-tesla-t4:1")
     c.add_argument("--disk-gb", type=int, default=50)
     c.add_argument("--zone-fallback", action="store_true", help="if a zone has no room, try the region's others")
-    c.add_argument("--idle-minutes", type=float, help="delete worker VMs idle this long (a reaper on the head)")
-    c.add_argument("--registry", default=None,
-                   help="where REGISTRY/burla-broker:VERSION and REGISTRY/burla-worker:VERSION are (built from "
-                        "broker/Dockerfile and worker/Dockerfile; default: burla's releases)")
+    c.add_argument("--python", help="the VMs' Python, 3.10 to 3.13 (default: this one's, %s)" % (
+        f"{sys.version_info.major}.{sys.version_info.minor}"))
+    c.add_argument("--pip-args", default="", help="options for installing burla's packages on the VMs, e.g. "
+                                                  "'--index-url https://mirror/simple' (default: PyPI)")
+    c.add_argument("--wait-minutes", type=float, default=10.0,
+                   help="wait this long for the workers to join (default %(default)s; 0: do not wait)")
     csub.add_parser("down", parents=[common], help="delete every VM of the cluster")
-    csub.add_parser("status", parents=[common], help="list the cluster's VMs and their state")
-    c = csub.add_parser("reaper", parents=[common], help=argparse.SUPPRESS)  # runs on the head VM
-    c.add_argument("--idle-minutes", type=float, required=True)
-    c.add_argument("--state-dir", default="/state")
+    c = csub.add_parser("status", parents=[common], help="the cluster's VMs: state, slots, busy, idle, cost so far")
+    c.add_argument("--json", action="store_true", help="print them as JSON")
+    c = csub.add_parser("autoscale", help=argparse.SUPPRESS)  # runs on the head VM
+    c.add_argument("--state-dir", required=True)
+    c.add_argument("--wheel", required=True)
+    c.add_argument("--interval", type=float)
 
     args = parser.parse_args(argv)
     if args.command == "broker":
@@ -132,7 +166,8 @@ def main(argv=None):
                 security.parse(token, security.WORKER)
             except ValueError as e:
                 parser.error(f"worker token: {e}")
-        worker_main(args.broker, args.slots, args.cpu, args.ram, parse_gpus(args.gpus), args.name, args.parent_fd,
+        gpus = parse_gpus(args.gpus) if args.gpus is not None else detect_gpus()
+        worker_main(args.broker, args.slots, args.cpu, args.ram, gpus, args.name, args.parent_fd,
                     token if args.broker.startswith("tcp://") else None, args.env_cache, args.env_cache_gb,
                     args.containers)
     elif args.command == "login":
@@ -241,6 +276,7 @@ def status(args):
     import json
 
     from burla.client import cluster_state
+    from burla.env import python_name
 
     address, code = _status_address(args)
     if address is None:
@@ -263,8 +299,9 @@ def status(args):
           f"{plural(sum(w['slots'] for w in workers), 'slot')}, {plural(len(state['jobs']), 'job')}")
     for w in workers:
         gpus = ",".join(w["gpu"]) or "-"
+        py = f"  {python_name(w['py'])}" if w.get("py") else ""  # (an older broker or worker does not say)
         print(f"  worker {w['id']:<24} host {w['host']:<16} slots {w['busy']}/{w['slots']} busy  "
-              f"cpu {w['cpu']:g}  ram {w['ram']:.1f} GB  gpu {gpus}")
+              f"cpu {w['cpu']:g}  ram {w['ram']:.1f} GB  gpu {gpus}{py}")
     for j in state["jobs"]:
         name = f"  {j['name']}" if j.get("name") else ""
         print(f"  job {j['id']}{name}  done {_progress(j)}  failed {j.get('failed', 0)}  queued {j['queued']}  "
@@ -730,42 +767,57 @@ def cluster(args, parser):
             if args.workers < 0:
                 parser.error("--workers must be 0 or more")
             gce.up(args.project, args.zone, args.workers, args.machine_type, args.name, args.spot, args.gpu,
-                   args.disk_gb, args.zone_fallback, args.idle_minutes, args.registry or gce.REGISTRY)
+                   args.disk_gb, args.zone_fallback, args.idle_minutes, min_workers=args.min_workers,
+                   max_workers=args.max_workers, head_machine_type=args.head_machine_type, python=args.python,
+                   pip_args=args.pip_args, wait_minutes=args.wait_minutes)
         elif args.action == "down":
             print(f"deleted {gce.down(args.project, args.name)} VM(s) of cluster {args.name}")
         elif args.action == "status":
-            rows = gce.status(args.project, args.name)
-            if not rows:
-                print(f"cluster {args.name}: no VMs in project {args.project}")
-            for name, role, zone, state, internal, external in rows:
-                print(f"{name:<24} {role:<7} {zone:<16} {state:<12} {internal:<15} {external}")
-        elif args.action == "reaper":
-            return reaper(args)
+            return cluster_status(args, gce)
+        elif args.action == "autoscale":
+            from burla import autoscale
+
+            autoscale.run(args.state_dir, args.wheel, args.interval)
     except gce.CloudError as e:
         print(f"burla cluster {args.action}: {e}", file=sys.stderr)
         return 1
     return 0
 
 
-def reaper(args):
-    """On the head VM: delete worker VMs idle for --idle-minutes (checked every 30 s)."""
-    import time
+def cluster_status(args, gce):
+    """The VMs, with what the broker says of their workers when it answers (the configured cluster's)."""
+    import json
 
-    from burla import gce
+    from burla import config, errors
     from burla.client import cluster_state
-    from burla.security import BrokerKeys
 
-    key = BrokerKeys(args.state_dir).api_keys[0]
-    idle_since = {}
-    while True:
-        try:
-            for name in gce.reap(args.project, args.name, args.idle_minutes * 60,
-                                 lambda: cluster_state(f"tcp://127.0.0.1:{gce.PORT}", api_key=key),
-                                 idle_since=idle_since):
-                print(f"deleted idle worker VM {name}", flush=True)
-        except (gce.CloudError, TimeoutError) as e:
-            print(f"reaper: {e}", file=sys.stderr, flush=True)
-        time.sleep(30)
+    state = None
+    try:
+        address = config.cluster_address()
+        if address and address.startswith("tcp://"):
+            state = cluster_state(address, timeout=3.0)
+    except (TimeoutError, OSError, ValueError, errors.BurlaError):
+        state = None
+    rows = gce.status(args.project, args.name, state=state)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"cluster {args.name}: no VMs in project {args.project}")
+        return 0
+    print(f"{'NAME':<24} {'ROLE':<7} {'ZONE':<15} {'STATE':<11} {'SLOTS':>5} {'BUSY':>4} {'IDLE':>7} "
+          f"{'UP':>7} {'COST':>8}  ADDRESS")
+    for r in rows:
+        slots = "-" if r["slots"] is None else r["slots"]
+        busy = "-" if r["busy"] is None else r["busy"]
+        idle = "-" if not r["idle"] else _seconds(r["idle"])
+        cost = "?" if r["cost"] is None else f"${r['cost']:.2f}"
+        print(f"{r['name']:<24} {r['role']:<7} {r['zone']:<15} {r['status']:<11} {slots:>5} {busy:>4} {idle:>7} "
+              f"{_seconds(r['age']):>7} {cost:>8}  {r['external_ip'] or r['internal_ip']}")
+    known = [r["cost"] for r in rows if r["cost"] is not None]
+    print(f"{len(rows)} VM(s); cost so far about ${sum(known):.2f} at list price"
+          + ("" if state else " (the broker did not answer: no slots shown)"))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """`burla cluster up/down/status` on Google Compute Engine (google-cloud-compute).
 
-A cluster NAME is a head VM ({NAME}-head) running the broker and N worker VMs ({NAME}-worker-{i}) running one worker
-each with a slot per core, every one labelled burla-cluster=NAME. Each VM starts its container from a startup
-script (Container-Optimized OS has docker); the broker's keys and the workers' join token reach the VMs as instance
-metadata, never on a command line. `up` writes the client's config so remote_parallel_map uses the new cluster.
+A cluster NAME is a head VM ({NAME}-head) running the broker and the autoscaler, and worker VMs ({NAME}-worker-{i})
+running one worker each with a slot per core, every one labelled burla-cluster=NAME. The VMs boot a public Debian
+image; their startup script (burla.bootstrap) installs the client's own burla, which travels in their metadata, into
+a Python of the client's version. The broker's keys and the workers' join token reach the VMs as instance metadata,
+never on a command line. `up` waits for the workers to join, then writes the client's config so that
+remote_parallel_map uses the new cluster. The autoscaler (burla.autoscale) then grows and shrinks it.
 
 Creating a VM is an insert and a wait on its zone operation, which is where capacity errors show up
 (ZONE_RESOURCE_POOL_EXHAUSTED); with zone fallback the next zone of the region is tried. Quota errors are the
@@ -13,18 +15,19 @@ If anything fails, every VM this command created is deleted again.
 
 import base64
 import io
+import json
 import os
 import tarfile
 import time
 
-from burla import config, security
+from burla import bootstrap, config, security
 from burla.errors import BurlaError
 
 PORT = 5555
 LABEL, ROLE = "burla-cluster", "burla-role"
-OS_IMAGE = "projects/cos-cloud/global/images/family/cos-stable"  # Container-Optimized OS: docker included
-REGISTRY = "ghcr.io/burla-cloud"  # where REGISTRY/burla-broker:VERSION and REGISTRY/burla-worker:VERSION are
-#                                    pushed, built from broker/Dockerfile and worker/Dockerfile
+OS_IMAGE = "projects/debian-cloud/global/images/family/debian-12"  # public: nothing to build or push
+GPU_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-11"  # NVIDIA drivers
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")  # what uv brings onto a VM (the client's own minor version is used)
 CAPACITY = ("ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", "RESOURCE_AVAILABILITY",
             "UNSUPPORTED_OPERATION")
 RETRIES = 5
@@ -70,6 +73,8 @@ class Compute:
         self.global_operations = client("GlobalOperations")
         self.regions = client("Regions")
         self.firewalls = client("Firewalls")
+        self.machine_types = client("MachineTypes")
+        self.types = {}  # (zone, machine type) -> (vcpus, memory GB)
 
     def call(self, fn, *args, **kwargs):
         """fn(...), retried with backoff on errors that pass (429, 5xx); a quota error becomes QuotaError."""
@@ -115,6 +120,13 @@ class Compute:
         self.wait(operation, zone)
         return self.call(self.instances.get, project=self.project, zone=zone, instance=instance.name)
 
+    def machine_type(self, zone, name):
+        """(vcpus, memory GB) of a machine type in a zone; CloudError if the zone has no such type."""
+        if (zone, name) not in self.types:
+            t = self.call(self.machine_types.get, project=self.project, zone=zone, machine_type=name)
+            self.types[zone, name] = (t.guest_cpus, round(t.memory_mb / 1024, 2))
+        return self.types[zone, name]
+
     def delete(self, zone, name):
         from google.api_core import exceptions as gexc
 
@@ -158,43 +170,7 @@ class Compute:
         self.wait(self.call(self.firewalls.insert_unary, project=self.project, firewall_resource=rule))
 
 
-# ---------------------------------------------------------------------------------------------- what VMs run
-def image_name(registry, role):
-    from burla import __version__
-
-    return f"{registry}/burla-{'broker' if role == 'head' else 'worker'}:{__version__}"
-
-
-def startup_script(role, image, gpu=False, idle_minutes=None, name=None, project=None):
-    """The VM's startup script: fetch its settings from the metadata server, start its container. (Not the
-    gce-container-declaration metadata, which Google is retiring.)"""
-    attr = "curl -sf -H 'Metadata-Flavor: Google' http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
-    lines = ["#!/bin/bash", "set -euo pipefail"]
-    if role == "head":
-        lines += ["mkdir -p /var/lib/burla && chmod 700 /var/lib/burla",
-                  f"{attr}burla-broker-state | base64 -d | tar -xz -C /var/lib/burla",
-                  f"docker run -d --restart=always --name burla-broker --network host -v /var/lib/burla:/state "
-                  f"{image} broker --bind tcp://0.0.0.0:{PORT} --state-dir /state"]
-        if idle_minutes:
-            lines.append(f"docker run -d --restart=always --name burla-reaper --network host -v /var/lib/burla:/state "
-                         f"{image} cluster reaper --name {name} --project {project} --idle-minutes {idle_minutes} "
-                         "--state-dir /state")
-    else:
-        if gpu:
-            lines.append("cos-extensions install gpu && mount --bind /var/lib/nvidia /var/lib/nvidia && "
-                         "mount -o remount,exec /var/lib/nvidia")
-        gpus = ("--volume /var/lib/nvidia/lib64:/usr/local/nvidia/lib64 --volume /var/lib/nvidia/bin:/usr/local/"
-                "nvidia/bin --device /dev/nvidia0 --device /dev/nvidia-uvm --device /dev/nvidiactl ") if gpu else ""
-        lines += ["mkdir -p /var/lib/burla-envs && chown 1000:1000 /var/lib/burla-envs",  # the image's user
-                  f"export BURLA_WORKER_TOKEN=$({attr}burla-worker-token)",
-                  f"BROKER=$({attr}burla-broker)",
-                  f"GPUS=$({attr}burla-gpus || true)",
-                  "docker run -d --restart=always --name burla-worker --network host -e BURLA_WORKER_TOKEN "
-                  f"-v /var/lib/burla-envs:/envs {gpus}"
-                  f"{image} worker --broker \"$BROKER\" --name \"$(hostname)\" ${{GPUS:+--gpus \"$GPUS\"}}"]
-    return "\n".join(lines) + "\n"
-
-
+# ---------------------------------------------------------------------------------------------- what VMs are
 def broker_state(folder):
     """The broker's state folder (keys, API keys, worker tokens) as base64 of a tar.gz, for instance metadata."""
     buffer = io.BytesIO()
@@ -206,11 +182,13 @@ def broker_state(folder):
 
 def vm(compute, name, cluster, role, zone, machine_type, disk_gb, metadata, spot=False, gpu=None):
     v1 = compute.v1
+    if gpu:
+        metadata = dict(metadata, **{"install-nvidia-driver": "True"})  # (the image's own first-boot step)
     instance = v1.Instance(
         name=name, machine_type=f"zones/{zone}/machineTypes/{machine_type}",
         labels={LABEL: cluster, ROLE: role}, tags=v1.Tags(items=["burla"]),
         disks=[v1.AttachedDisk(boot=True, auto_delete=True, initialize_params=v1.AttachedDiskInitializeParams(
-            source_image=OS_IMAGE, disk_size_gb=disk_gb))],
+            source_image=GPU_IMAGE if gpu else OS_IMAGE, disk_size_gb=disk_gb))],
         network_interfaces=[v1.NetworkInterface(network="global/networks/default", access_configs=[
             v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")])],
         metadata=v1.Metadata(items=[v1.Items(key=k, value=v) for k, v in metadata.items()]),
@@ -218,7 +196,7 @@ def vm(compute, name, cluster, role, zone, machine_type, disk_gb, metadata, spot
             "https://www.googleapis.com/auth/cloud-platform" if role == "head" else
             "https://www.googleapis.com/auth/logging.write"])])
     scheduling = v1.Scheduling()
-    if spot:  # a preempted worker is a lost worker: its batches run again elsewhere
+    if spot:  # a preempted worker is a lost worker: its batches run again elsewhere, and the autoscaler replaces it
         scheduling.provisioning_model = "SPOT"
         scheduling.instance_termination_action = "DELETE"
     if gpu:
@@ -246,37 +224,128 @@ def create_in_zones(compute, zones, make, say, created):
     raise CapacityError("no zone to try")
 
 
+def worker_names(taken, count, cluster):
+    """count names {cluster}-worker-{i} not in taken, lowest first."""
+    names, i = [], 0
+    while len(names) < count:
+        name = f"{cluster}-worker-{i}"
+        if name not in taken:
+            names.append(name)
+        i += 1
+    return names
+
+
+def add_workers(compute, settings, count, token, wheel_items, say, created, taken=()):
+    """Create count worker VMs at once (a thread each, up to 32): the cluster grows in the time of one insert, not
+    count of them. Returns their names; the first error is raised once all have ended."""
+    import concurrent.futures
+
+    metadata = {"startup-script": bootstrap.startup_script(PORT), "burla-role": "worker",
+                "burla-python": settings["python"], "burla-broker": settings["broker"], "burla-worker-token": token,
+                **wheel_items}
+    if settings.get("gpu"):
+        metadata["burla-gpus"] = settings["gpu"]
+    if settings.get("pip_args"):
+        metadata["burla-pip-args"] = settings["pip_args"]
+    names = worker_names(set(taken), count, settings["name"])
+
+    def make(name):
+        say(f"creating {name} ({settings['machine_type']}{', spot' if settings.get('spot') else ''}"
+            f"{', ' + settings['gpu'] if settings.get('gpu') else ''})")
+        return create_in_zones(compute, settings["zones"], lambda z: vm(
+            compute, name, settings["name"], "worker", z, settings["machine_type"], settings["disk_gb"], metadata,
+            settings.get("spot"), settings.get("gpu")), say, created)
+
+    if not names:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(min(32, len(names))) as pool:
+        futures = [pool.submit(make, n) for n in names]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- what it costs
+# List prices in us-central1, USD per hour (late 2026): per vCPU and per GB of memory by machine family, and per
+# GPU. Other regions cost up to ~30% more; spot VMs 60-91% less, and their price moves, so it is not shown.
+FAMILY_PRICES = {"e2": (0.021811, 0.002923), "n2": (0.031611, 0.004237), "n2d": (0.027502, 0.003686),
+                 "n1": (0.031611, 0.004237), "c2": (0.03398, 0.00455), "c2d": (0.029563, 0.003959),
+                 "c3": (0.03465, 0.003938), "c3d": (0.029563, 0.003959), "n4": (0.030143, 0.003855),
+                 "t2d": (0.027502, 0.003686), "g2": (0.0, 0.0), "a2": (0.0, 0.0)}
+GPU_PRICES = {"nvidia-tesla-t4": 0.35, "nvidia-l4": 0.56, "nvidia-tesla-v100": 2.48, "nvidia-tesla-p100": 1.46,
+              "nvidia-tesla-a100": 2.93, "nvidia-a100-80gb": 3.93, "nvidia-h100-80gb": 11.06}
+WHOLE_PRICES = {"g2-standard-4": 0.7068, "g2-standard-8": 0.8536, "a2-highgpu-1g": 3.6731}  # (GPU included)
+
+
+def hourly(machine_type, vcpus, memory_gb, gpu=None):
+    """The list price of one VM per hour, or None for a machine type this table does not know."""
+    if machine_type in WHOLE_PRICES:
+        return WHOLE_PRICES[machine_type]
+    rates = FAMILY_PRICES.get(machine_type.split("-")[0])
+    if rates is None or not rates[0]:
+        return None
+    price = vcpus * rates[0] + memory_gb * rates[1]
+    if gpu:
+        kind, _, count = gpu.partition(":")
+        if kind not in GPU_PRICES:
+            return None
+        price += GPU_PRICES[kind] * int(count or 1)
+    return price
+
+
+def dollars(price):
+    return "an unknown price (not in burla's table)" if price is None else f"${price:.2f}"
+
+
 # ---------------------------------------------------------------------------------------------- commands
 def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=False, gpu=None, disk_gb=50,
-       zone_fallback=False, idle_minutes=None, registry=REGISTRY, state_root=None, compute=None, say=print):
-    """Create the cluster; write the client config; return its address."""
+       zone_fallback=False, idle_minutes=None, state_root=None, compute=None, say=print, min_workers=None,
+       max_workers=None, head_machine_type="e2-standard-2", python=None, pip_args="", wait_minutes=10.0,
+       autoscale_interval=5.0):
+    """Create the cluster, wait until its workers have joined (wait_minutes; 0: do not wait), write the client
+    config; return its address. min/max_workers (default: workers) bound the head's autoscaler."""
+    min_workers = workers if min_workers is None else min_workers
+    max_workers = max(workers, min_workers) if max_workers is None else max_workers
+    if not 0 <= min_workers <= workers <= max_workers:
+        raise CloudError(f"the worker counts must be 0 <= --min-workers ({min_workers}) <= --workers ({workers}) "
+                         f"<= --max-workers ({max_workers})")
+    python = python or bootstrap.python_version()
+    if python not in PYTHONS:
+        raise CloudError(f"the VMs can run Python {', '.join(PYTHONS)}, not {python}")
     compute = compute or Compute(project)
     if compute.cluster(name):
         raise CloudError(f"cluster {name!r} already has VMs in project {project}: `burla cluster down --name {name}` "
                          "first, or choose another --name")
+    vcpus, memory_gb = compute.machine_type(zone, machine_type)
+    wheel_file, wheel = bootstrap.package()
+    try:
+        wheel_items = bootstrap.wheel_metadata(wheel_file, wheel)
+    except ValueError as e:
+        raise CloudError(str(e)) from None
     folder = os.path.join(os.path.expanduser(state_root or "~/.burla/clusters"), name)
     keys = security.BrokerKeys(folder)
     zones = compute.zones(zone) if zone_fallback else [zone]
+    settings = {"name": name, "project": project, "zones": zones, "machine_type": machine_type, "vcpus": vcpus,
+                "memory_gb": memory_gb, "spot": bool(spot), "gpu": gpu or "", "disk_gb": disk_gb,
+                "min": min_workers, "max": max_workers, "idle_minutes": idle_minutes, "python": python,
+                "pip_args": pip_args or "", "interval": autoscale_interval}
     created = []
     try:
         compute.ensure_firewall("burla-broker")
-        say(f"creating {name}-head in {zones[0]}")
+        say(f"creating {name}-head ({head_machine_type}) in {zones[0]}")
+        settings["broker"] = ""  # (the head's own address: its autoscaler reads it from the metadata server)
+        head_metadata = {"startup-script": bootstrap.startup_script(PORT), "burla-role": "head",
+                         "burla-python": python, "burla-broker-state": broker_state(keys.folder),
+                         "burla-cluster": json.dumps(settings), **wheel_items}
+        if pip_args:
+            head_metadata["burla-pip-args"] = pip_args
         head_zone, head = create_in_zones(compute, zones, lambda z: vm(
-            compute, f"{name}-head", name, "head", z, machine_type, disk_gb, {
-                "startup-script": startup_script("head", image_name(registry, "head"), idle_minutes=idle_minutes,
-                                                 name=name, project=project),
-                "burla-broker-state": broker_state(keys.folder)}), say, created)
+            compute, f"{name}-head", name, "head", z, head_machine_type, disk_gb, head_metadata), say, created)
         nic = head.network_interfaces[0]
         internal, external = nic.network_i_p, nic.access_configs[0].nat_i_p
-        for i in range(workers):
-            worker_name = f"{name}-worker-{i}"
-            say(f"creating {worker_name} ({machine_type}{', spot' if spot else ''}{', ' + gpu if gpu else ''})")
-            metadata = {"startup-script": startup_script("worker", image_name(registry, "worker"), gpu=bool(gpu)),
-                        "burla-broker": f"tcp://{internal}:{PORT}", "burla-worker-token": keys.worker_tokens[0]}
-            if gpu:
-                metadata["burla-gpus"] = gpu
-            create_in_zones(compute, zones, lambda z: vm(
-                compute, worker_name, name, "worker", z, machine_type, disk_gb, metadata, spot, gpu), say, created)
+        settings["broker"] = f"tcp://{internal}:{PORT}"
+        add_workers(compute, settings, workers, keys.worker_tokens[0], wheel_items, say, created)
     except BaseException:
         say(f"cleaning up the {len({n for _, n in created})} VM(s) this command made or tried to make")
         for z, n in created:
@@ -287,49 +356,111 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
         raise
     address = f"tcp://{external}:{PORT}"
     config.save(cluster=address, api_key=keys.api_keys[0])
-    say(f"cluster {name} is up: {address} (saved in {config.config_path()}); workers join as they boot")
+    price = hourly(machine_type, vcpus, memory_gb, gpu)
+    head_price = hourly(head_machine_type, *compute.machine_type(head_zone, head_machine_type))
+    total = None if price is None or head_price is None else head_price + workers * price
+    say(f"cost: about {dollars(total)} per hour (list price{', on demand' if not spot else ', spot workers less'}) "
+        f"for the head and {workers} x {machine_type}{' + ' + gpu if gpu else ''}; "
+        f"up to {dollars(None if price is None else head_price + max_workers * price)} at --max-workers "
+        f"{max_workers}" if max_workers > workers else
+        f"cost: about {dollars(total)} per hour (list price{', spot workers less' if spot else ''}) for the head "
+        f"and {workers} x {machine_type}{' + ' + gpu if gpu else ''}")
+    if wait_minutes:
+        wait_until_joined(compute, name, address, keys.api_keys[0], workers, wait_minutes * 60, say)
+    say(f"cluster {name} is up: {address} (saved in {config.config_path()})"
+        + ("" if wait_minutes else "; workers join as they boot"))
     return address
 
 
+def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
+    """Show VMs created, booted (RUNNING) and joined (their worker registered) until all workers have joined: a
+    progress bar on a terminal, a line per change otherwise."""
+    import sys
+
+    from burla.client import cluster_state
+
+    bar = None
+    if say is print and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=workers, unit="worker", desc="joined", file=sys.stderr, leave=True)
+    deadline, last = time.monotonic() + seconds, None
+    try:
+        while True:
+            vms = [i for _, i in compute.cluster(name) if i.labels.get(ROLE) == "worker"]
+            running = sum(1 for i in vms if i.status == "RUNNING")
+            try:
+                state = cluster_state(address, timeout=3.0, api_key=api_key)
+                joined = sum(1 for w in state.get("workers", ()) if w["id"].startswith(f"{name}-worker-"))
+                broker = "answers"
+            except (TimeoutError, OSError):
+                joined, broker = 0, "not answering yet"
+            now = (len(vms), running, joined, broker)
+            if now != last:
+                text = f"worker VMs: {len(vms)} created, {running} booted, {joined}/{workers} joined; broker {broker}"
+                if bar is not None:
+                    bar.n = joined
+                    bar.set_postfix_str(text.split("; ", 1)[0].replace(f"{joined}/{workers} joined", "")
+                                        .rstrip(", ") + f"; broker {broker}")
+                else:
+                    say(text)
+                last = now
+            if joined >= workers:
+                return
+            if time.monotonic() > deadline:
+                raise CloudError(
+                    f"only {joined} of {workers} workers joined within {seconds / 60:g} minutes. The VMs are up (and "
+                    f"cost money): `gcloud compute instances get-serial-port-output {name}-worker-0` shows a "
+                    f"worker's boot; `burla cluster down --name {name}` deletes them")
+            time.sleep(2.0)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def down(project, name="burla", compute=None, say=print):
+    import concurrent.futures
+
     compute = compute or Compute(project)
     vms = compute.cluster(name)
     for zone, instance in vms:
         say(f"deleting {instance.name} in {zone}")
-        compute.delete(zone, instance.name)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(32, len(vms)))) as pool:
+        for f in [pool.submit(compute.delete, zone, instance.name) for zone, instance in vms]:
+            f.result()
     return len(vms)
 
 
-def status(project, name="burla", compute=None):
-    """[(name, role, zone, status, internal ip, external ip)] of the cluster's VMs."""
+def status(project, name="burla", compute=None, state=None):
+    """The cluster's VMs as dicts: name, role, zone, status, internal and external ip, age (seconds), and from
+    the broker's state (if given) their worker's slots, busy slots and idle seconds; cost so far at list price."""
     compute = compute or Compute(project)
-    rows = []
+    workers = {w["id"]: w for w in (state or {}).get("workers", ())}
+    rows, now, types = [], time.time(), {}
     for zone, instance in compute.cluster(name):
         nic = instance.network_interfaces[0] if instance.network_interfaces else None
         external = nic.access_configs[0].nat_i_p if nic and nic.access_configs else ""
-        rows.append((instance.name, instance.labels.get(ROLE, "?"), zone, instance.status,
-                     nic.network_i_p if nic else "", external))
+        kind = instance.machine_type.rpartition("/")[2]
+        if (zone, kind) not in types:
+            try:
+                types[zone, kind] = compute.machine_type(zone, kind)
+            except CloudError:
+                types[zone, kind] = (0, 0.0)
+        gpu = ",".join(f"{a.accelerator_type.rpartition('/')[2]}:{a.accelerator_count}"
+                       for a in instance.guest_accelerators)
+        age = max(0.0, now - _timestamp(instance.creation_timestamp)) if instance.creation_timestamp else 0.0
+        price = hourly(kind, *types[zone, kind], gpu or None)
+        w = workers.get(instance.name)
+        rows.append({"name": instance.name, "role": instance.labels.get(ROLE, "?"), "zone": zone,
+                     "status": instance.status, "machine_type": kind, "internal_ip": nic.network_i_p if nic else "",
+                     "external_ip": external, "age": round(age), "joined": w is not None,
+                     "slots": w["slots"] if w else None, "busy": w["busy"] if w else None,
+                     "idle": w.get("idle") if w else None,
+                     "cost": None if price is None else round(price * age / 3600, 4)})
     return rows
 
 
-def reap(project, name, idle_seconds, cluster_state, compute=None, idle_since=None, now=None):
-    """One pass of the head's reaper: delete worker VMs whose worker has been idle (no busy slot) for
-    idle_seconds. cluster_state() is the broker's state; idle_since carries over between passes."""
-    compute = compute or Compute(project)
-    idle_since = {} if idle_since is None else idle_since
-    now = time.monotonic() if now is None else now
-    state = cluster_state()
-    busy = {w["id"]: w["busy"] or w.get("preparing", 0) for w in state["workers"]}  # (building an env is work)
-    deleted = []
-    for zone, instance in compute.cluster(name):
-        if instance.labels.get(ROLE) != "worker" or instance.name not in busy:
-            continue  # not joined yet (booting), or gone: not idle
-        if busy[instance.name]:
-            idle_since.pop(instance.name, None)
-            continue
-        since = idle_since.setdefault(instance.name, now)
-        if now - since >= idle_seconds:
-            compute.delete(zone, instance.name)
-            idle_since.pop(instance.name, None)
-            deleted.append(instance.name)
-    return deleted
+def _timestamp(text):
+    import datetime
+
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()

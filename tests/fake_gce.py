@@ -5,19 +5,25 @@ and firewalls (get, insert). Failures are injected per zone or per call:
     fake.exhausted.add("us-central1-a")    inserts there end in an operation error ZONE_RESOURCE_POOL_EXHAUSTED
     fake.quota_after = 3                   the 4th VM insert is refused: 403 quotaExceeded
     fake.transient = 2                     the next 2 requests answer 503
+
+With a booter (tests/fake_vms.py), each VM it creates really boots: on_insert(zone, instance) starts it and gives
+its address, on_delete(zone, name) stops it (a delete from the test is how a preemption looks).
 """
 
 import itertools
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ZONES = {"us-central1": ["us-central1-a", "us-central1-b", "us-central1-c"], "europe-west4": ["europe-west4-a"]}
+MACHINE_TYPES = {"e2-standard-2": (2, 8192), "n2-standard-4": (4, 16384), "n2-standard-8": (8, 32768)}
 
 
 class FakeCompute:
-    def __init__(self):
+    def __init__(self, host="127.0.0.1", booter=None):
+        self.booter = booter
         self.instances = {}  # (zone, name) -> instance JSON
         self.operations = {}  # name -> operation JSON
         self.firewalls = {}
@@ -25,8 +31,8 @@ class FakeCompute:
         self.requests = []  # (method, path) of every request
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.server = ThreadingHTTPServer((host, 0), self.handler())
+        self.endpoint = f"http://{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -65,11 +71,13 @@ class FakeCompute:
             return 409, {"error": {"code": 409, "message": f"The resource '{target}' already exists"}}
         n = next(self.ids)
         instance = dict(body, id=str(n), status="RUNNING", zone=f"https://www.googleapis.com/compute/v1/projects/"
-                        f"{project}/zones/{zone}", selfLink=target)
+                        f"{project}/zones/{zone}", selfLink=target,
+                        creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()))
+        address = self.booter.insert(zone, instance) if self.booter else None
         for nic in instance.get("networkInterfaces", []):
-            nic["networkIP"] = f"10.0.0.{n}"
+            nic["networkIP"] = address or f"10.0.0.{n}"
             for access in nic.get("accessConfigs", []):
-                access["natIP"] = f"203.0.113.{n}"
+                access["natIP"] = address or f"203.0.113.{n}"
         self.instances[(zone, name)] = instance
         return 200, self.operation(project, zone, target)
 
@@ -92,6 +100,8 @@ class FakeCompute:
                 return 404, {"error": {"code": 404, "message": f"The resource '{name}' was not found"}}
             if method == "DELETE":
                 del self.instances[(zone, name)]
+                if self.booter:
+                    self.booter.delete(zone, name)
                 return 200, self.operation(project, zone, f"projects/{project}/zones/{zone}/instances/{name}")
             return 200, self.instances[(zone, name)]
         if rest == "aggregated/instances":
@@ -103,6 +113,12 @@ class FakeCompute:
         if m2 := re.fullmatch(r"(?:zones/[^/]+|global)/operations/([^/]+)(/wait)?", rest):
             op = self.operations.get(m2.group(1))
             return (200, op) if op else (404, {"error": {"code": 404, "message": "no such operation"}})
+        if m2 := re.fullmatch(r"zones/([^/]+)/machineTypes/([^/]+)", rest):
+            if m2.group(2) not in MACHINE_TYPES:
+                return 404, {"error": {"code": 404, "message": f"The resource 'machineTypes/{m2.group(2)}' was not "
+                                                               "found"}}
+            cpus, memory = MACHINE_TYPES[m2.group(2)]
+            return 200, {"name": m2.group(2), "guestCpus": cpus, "memoryMb": memory, "zone": m2.group(1)}
         if m2 := re.fullmatch(r"regions/([^/]+)", rest):
             region = m2.group(1)
             zones = [f"https://www.googleapis.com/compute/v1/projects/{project}/zones/{z}"

@@ -2,6 +2,7 @@
 google-cloud-compute pointed at it and anonymous credentials. No test touches Google Cloud."""
 
 import base64
+import hashlib
 import io
 import os
 import subprocess
@@ -9,12 +10,13 @@ import sys
 import tarfile
 import threading
 import time
+import zipfile
 
 import pytest
 
 from fake_gce import FakeCompute
 
-from burla import config, gce
+from burla import autoscale, config, gce
 from burla.client import cluster_state
 from burla.security import BrokerKeys
 
@@ -42,7 +44,7 @@ def metadata(instance):
 
 def up(compute, tmp_path, **kwargs):
     options = dict(project="proj", zone="us-central1-a", workers=2, name="t1", state_root=str(tmp_path / "state"),
-                   compute=compute, say=lambda text: None)
+                   compute=compute, say=lambda text: None, wait_minutes=0)
     options.update(kwargs)
     return gce.up(**options)
 
@@ -65,7 +67,19 @@ def test_up_status_down(fake, compute, tmp_path):
     assert worker_md["burla-worker-token"] == keys.worker_tokens[0]
     assert worker_md["burla-broker"] == f"tcp://{head['networkInterfaces'][0]['networkIP']}:5555"
     assert keys.worker_tokens[0] not in worker_md["startup-script"]
-    assert "docker run" in worker_md["startup-script"] and "gce-container-declaration" not in worker_md
+    assert worker_md["burla-role"] == "worker" and worker_md["burla-python"] == "%d.%d" % sys.version_info[:2]
+    assert "debian-cloud" not in workers[0]["disks"][0]["initializeParams"]["sourceImage"]  # (a GPU image)
+    assert "debian-cloud" in head["disks"][0]["initializeParams"]["sourceImage"]
+    # the client's own burla travels with them: a wheel, whole, in parts
+    wheel = base64.b64decode("".join(worker_md[f"burla-wheel-{k}"] for k in range(int(worker_md["burla-wheel-parts"]))))
+    assert hashlib.sha256(wheel).hexdigest() == worker_md["burla-wheel-sha256"] == metadata(head)["burla-wheel-sha256"]
+    with zipfile.ZipFile(io.BytesIO(wheel)) as z:
+        names = z.namelist()
+        assert "burla/client.py" in names and "burla/worker/worker.py" in names and "burla/broker/broker.py" in names
+        assert not any(n.startswith("burla_jupyter") for n in names)
+        requires = z.read(next(n for n in names if n.endswith("/METADATA"))).decode()
+        assert "Requires-Dist: pyzmq" in requires and "google-cloud-compute>=1.14; extra == 'head'" in requires
+        assert "ipywidgets" not in requires
     with tarfile.open(fileobj=io.BytesIO(base64.b64decode(metadata(head)["burla-broker-state"]))) as tar:
         assert sorted(tar.getnames()) == ["api_keys", "broker.secret", "worker_tokens"]
 
@@ -74,8 +88,9 @@ def test_up_status_down(fake, compute, tmp_path):
     assert config.cluster_address() == address and config.api_key() == keys.api_keys[0]
 
     rows = gce.status("proj", "t1", compute=compute)
-    assert [(r[0], r[1], r[3]) for r in rows] == [("t1-head", "head", "RUNNING"), ("t1-worker-0", "worker", "RUNNING"),
-                                                  ("t1-worker-1", "worker", "RUNNING")]
+    assert [(r["name"], r["role"], r["status"]) for r in rows] == [
+        ("t1-head", "head", "RUNNING"), ("t1-worker-0", "worker", "RUNNING"), ("t1-worker-1", "worker", "RUNNING")]
+    assert rows[1]["machine_type"] == "n2-standard-8" and rows[1]["joined"] is False and rows[1]["cost"] >= 0
     with pytest.raises(gce.CloudError, match="already has VMs"):
         up(compute, tmp_path)
     assert gce.down("proj", "t1", compute=compute) == 3
@@ -100,9 +115,10 @@ def test_quota_error_cleans_up_what_was_created(fake, compute, tmp_path):
     with pytest.raises(gce.QuotaError, match="Quota 'CPUS' exceeded.*more quota"):
         up(compute, tmp_path, workers=3, say=said.append)
     assert fake.vms() == []  # both deleted again
-    assert "cleaning up the 3 VM(s) this command made or tried to make" in said
-    deletes = [p for m, p in fake.requests if m == "DELETE"]  # (the refused one is not found: fine)
-    assert sorted(p.rsplit("/", 1)[1] for p in deletes) == ["t1-head", "t1-worker-0", "t1-worker-1"]
+    # (the workers are made at once: all three were tried, and the refused one is not found: fine)
+    assert "cleaning up the 4 VM(s) this command made or tried to make" in said
+    deletes = [p for m, p in fake.requests if m == "DELETE"]
+    assert sorted(p.rsplit("/", 1)[1] for p in deletes) == ["t1-head", "t1-worker-0", "t1-worker-1", "t1-worker-2"]
 
 
 def test_interrupted_up_deletes_the_vm_it_was_making(fake, compute, tmp_path, monkeypatch):
@@ -133,36 +149,102 @@ def test_cli_against_the_fake(fake, tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "burla", "cluster", *args, "--project", "proj"],  # noqa: E731
                                        capture_output=True, text=True, env=env, timeout=60)
     fake.exhausted.add("us-central1-a")
-    failed = run("up", "--zone", "us-central1-a", "--workers", "1")
+    failed = run("up", "--zone", "us-central1-a", "--workers", "1", "--wait-minutes", "0")
     assert failed.returncode == 1 and "burla cluster up: no room for it" in failed.stderr
-    done = run("up", "--zone", "us-central1-a", "--workers", "1", "--zone-fallback")
+    done = run("up", "--zone", "us-central1-a", "--workers", "1", "--zone-fallback", "--wait-minutes", "0")
     assert done.returncode == 0, done.stderr
     assert "cluster burla is up: tcp://203.0.113." in done.stdout
+    assert "cost: about $0.26 per hour (list price) for the head and 1 x n2-standard-4" in done.stdout
     status = run("status")
     assert "burla-head" in status.stdout and "burla-worker-0" in status.stdout and "RUNNING" in status.stdout
     assert run("down").stdout.strip().endswith("deleted 2 VM(s) of cluster burla")
     assert "no VMs" in run("status").stdout
 
 
-def test_reaper_deletes_idle_workers_only(fake, compute, tmp_path, new_cluster):
-    up(compute, tmp_path, workers=2)
-    # workers join under their VM's name (the startup script passes --name "$(hostname)")
-    new_cluster.start_worker("t1-worker-0", 1)
-    new_cluster.start_worker("t1-worker-1", 1)
-    new_cluster.wait_for(2)
-    state = lambda: cluster_state(new_cluster.address)  # noqa: E731
-    busy = threading.Thread(target=lambda: __import__("burla").remote_parallel_map(
-        time.sleep, [3], cluster=new_cluster.address, spinner=False))
-    busy.start()
+SETTINGS = {"name": "t1", "vcpus": 4, "min": 1, "max": 5, "idle_minutes": 10, "gpu": ""}
+
+
+def vm_rows(*names, status="RUNNING", created=0.0):
+    return [("us-central1-a", n, status, created) for n in names]
+
+
+def worker(name, busy=0, idle=0.0, slots=4):
+    return {"id": name, "busy": busy, "idle": idle, "slots": slots, "preparing": 0}
+
+
+def test_autoscaler_grows_for_work_that_waits_or_asked():
+    """plan(): a job that asked to grow counts at once, any other once it has waited; never past the maximum."""
+    state = {"workers": [worker("t1-worker-0", busy=4)], "demand": [[40, 1.0, 0, 0, 5.0]]}
+    vms = vm_rows("t1-worker-0")
+    assert autoscale.plan(state, vms, SETTINGS, now=100.0) == (0, [], 0)  # young, and it did not ask
+    state["demand"][0][4] = autoscale.GROW_AFTER
+    assert autoscale.plan(state, vms, SETTINGS, now=100.0) == (4, [], 0)  # 40 calls / 4 slots = 10 VMs; max 5
+    state["demand"] = [[10, 1.0, 0, 1, 0.5]]  # asked (grow=True): 10 calls at once need 3 VMs
+    assert autoscale.plan(state, vms, SETTINGS, now=100.0) == (2, [], 0)
+    state["demand"] = [[10, 2.0, 0, 1, 0.5]]  # 2 cpus a call: 2 a VM, 5 VMs
+    assert autoscale.plan(state, vms, SETTINGS, now=100.0) == (4, [], 0)
+    # VMs still booting count as on their way: no more are made for the same work
+    assert autoscale.plan(state, vms + vm_rows("t1-worker-1", "t1-worker-2", created=90.0), SETTINGS, 100.0) == \
+        (2, [], 2)
+    state["demand"] = [[10, 1.0, 1, 1, 0.5]]  # needs a GPU: these VMs have none, so none is made for it
+    assert autoscale.plan(state, vms, SETTINGS, now=100.0) == (0, [], 0)
+    assert autoscale.plan(state, vms, dict(SETTINGS, gpu="nvidia-l4:2"), now=100.0) == (4, [], 0)  # 2 a VM
+
+
+def test_autoscaler_replaces_lost_vms_and_gives_up_on_broken_ones():
+    state = {"workers": [worker("t1-worker-1")], "demand": []}
+    # below the minimum (worker-0 was preempted and deleted): one more
+    assert autoscale.plan(state, [], SETTINGS, now=100.0) == (1, [], 0)
+    # one stopped (preempted without delete) goes, and another comes
+    create, delete, _ = autoscale.plan(state, vm_rows("t1-worker-1", status="TERMINATED"), SETTINGS, now=100.0)
+    assert create == 1 and [d[1] for d in delete] == ["t1-worker-1"]
+    # one that never joined is given up on after BOOT_LIMIT
+    late = autoscale.BOOT_LIMIT + 1
+    create, delete, booting = autoscale.plan(state, vm_rows("t1-worker-0", created=0.0), SETTINGS, now=late)
+    assert create == 1 and delete == [("us-central1-a", "t1-worker-0", "it did not join within 15 minutes")]
+
+
+def test_autoscaler_shrinks_idle_workers_to_what_is_needed():
+    settings = dict(SETTINGS, min=1, idle_minutes=1)
+    names = ["t1-worker-0", "t1-worker-1", "t1-worker-2"]
+    state = {"workers": [worker(names[0], idle=300), worker(names[1], idle=30), worker(names[2], idle=90)],
+             "demand": []}
+    create, delete, _ = autoscale.plan(state, vm_rows(*names), settings, now=100.0)
+    assert create == 0 and [d[1] for d in delete] == [names[0], names[2]]  # idle > 1 minute, longest first
+    assert delete[0][2] == "idle for 5.0 minutes"
+    state["workers"][1]["idle"] = 120  # all idle: the minimum stays
+    assert len(autoscale.plan(state, vm_rows(*names), settings, now=100.0)[1]) == 2
+    state["workers"][0]["busy"] = 1  # busy ones stay
+    assert [d[1] for d in autoscale.plan(state, vm_rows(*names), settings, now=100.0)[1]] == [names[1], names[2]][:2]
+    state["demand"] = [[8, 1.0, 0, 1, 1.0]]  # work that needs 2 VMs keeps 2
+    assert [d[1] for d in autoscale.plan(state, vm_rows(*names), settings, now=100.0)[1]] == [names[1]]
+    assert autoscale.plan(state, vm_rows(*names), dict(settings, idle_minutes=None), now=100.0)[1] == []
+
+
+def test_broker_reports_demand_and_tells_growing_jobs(new_cluster):
+    """STATE carries every job's demand and the autoscaler's CAPACITY; a job with grow=True hears of the VMs."""
+    import burla
+
+    new_cluster.start_worker("w", 1)
+    new_cluster.wait_for(1)
+    seen, job = [], {}
+
+    def run():
+        job["out"] = burla.remote_parallel_map(time.sleep, [0.4] * 6, cluster=new_cluster.address, spinner=False,
+                                               grow=True)
+
+    thread = threading.Thread(target=run)
+    thread.start()
     deadline = time.monotonic() + 10
-    while sum(w["busy"] for w in state()["workers"]) == 0:
+    while not (state := cluster_state(new_cluster.address))["demand"]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    idle_since = {}
-    # the reaper's clock is given, so the test does not wait for it (nor race the busy call's end)
-    assert gce.reap("proj", "t1", 0.5, state, compute=compute, idle_since=idle_since, now=100.0) == []  # idle from now
-    deleted = gce.reap("proj", "t1", 0.5, state, compute=compute, idle_since=idle_since, now=100.6)
-    assert len(deleted) == 1  # the idle one; the busy one stays, and so does the head
-    busy_worker = next(w["id"] for w in state()["workers"] if w["busy"])
-    assert sorted(v["name"] for v in fake.vms()) == sorted(["t1-head", busy_worker])
-    busy.join(10)
+    want, cpu, gpus, grow, age = state["demand"][0]
+    assert (want, cpu, gpus, grow) == (6, 1, 0, 1) or want < 6
+    state = cluster_state(new_cluster.address, capacity={"b": 3, "n": 4, "mx": 9})
+    assert state["scaling"]["b"] == 3 and state["scaling"]["mx"] == 9
+    seen.append(state)
+    thread.join(20)
+    assert job["out"] == [None] * 6
+    with pytest.raises(ValueError, match="grow must be True or False"):
+        burla.remote_parallel_map(time.sleep, [0], cluster=new_cluster.address, grow="yes")

@@ -1,31 +1,65 @@
 """Tiny pure-Python wheels written by hand, so environment tests need no index and no build backend."""
 
-import base64
-import hashlib
 import json
 import os
+import re
 import zipfile
+from importlib import metadata
+
+from burla.bootstrap import write_wheel
 
 
 def make_wheel(folder, name, version, code="", requires=()):
     """Write {name}-{version}-py3-none-any.whl with a package `name` whose VERSION is version."""
-    dist = f"{name}-{version}.dist-info"
-    files = {
-        f"{name}/__init__.py": f"VERSION = {version!r}\n{code}",
-        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-                            + "".join(f"Requires-Dist: {r}\n" for r in requires),
-        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: burla-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(text.encode())}")
-    files[f"{dist}/RECORD"] = "\n".join(record + [f"{dist}/RECORD,,"]) + "\n"
-    path = os.path.join(folder, f"{name}-{version}-py3-none-any.whl")
-    with zipfile.ZipFile(path, "w") as z:
-        for member, text in files.items():
-            z.writestr(member, text)
-    return path
+    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n{code}".encode()}
+    return write_wheel(os.path.join(folder, f"{name}-{version}-py3-none-any.whl"), name, version, files, requires)
+
+
+def repack(dist, folder):
+    """A wheel of an installed distribution, made from its installed files (what it was installed from, but for
+    the scripts an installer writes), so that tests can install this machine's packages with no index."""
+    tags = [line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
+            if line.startswith("Tag:")]
+    info = next(str(f).split("/")[0] for f in dist.files if str(f).split("/")[0].endswith(".dist-info"))
+    files = {}
+    for f in dist.files:
+        path = str(f)
+        if path.startswith("..") or "__pycache__" in path or path.startswith(info + "/"):
+            continue  # (scripts and data outside site-packages; the dist-info is written again)
+        full = dist.locate_file(f)
+        if os.path.isfile(full):
+            with open(full, "rb") as fh:
+                files[path] = fh.read()
+    name, version, tag = dist.metadata["Name"], dist.version, (tags or ["py3-none-any"])[0]
+    for extra in ("entry_points.txt", "top_level.txt"):
+        text = dist.read_text(extra)
+        if text:  # (beside the METADATA write_wheel writes, under the name it gives the dist-info)
+            files[f"{re.sub(r'[-.]+', '_', name)}-{version}.dist-info/{extra}"] = text.encode()
+    wheel = os.path.join(folder, f"{re.sub(r'[-.]+', '_', name)}-{version}-{tag}.whl")
+    return write_wheel(wheel, name, version, files, dist.requires or [], tag, compress=False)
+
+
+def wheelhouse(folder, names):
+    """Wheels of the installed distributions names and everything they require (with their extras' markers
+    false), in folder: an index for `--no-index --find-links folder`."""
+    from packaging.requirements import Requirement
+
+    os.makedirs(folder, exist_ok=True)
+    todo, seen = list(names), set()
+    while todo:
+        req = Requirement(todo.pop())
+        key = re.sub(r"[-_.]+", "-", req.name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        dist = metadata.distribution(req.name)
+        repack(dist, folder)
+        for line in dist.requires or []:
+            r = Requirement(line)
+            if r.marker is None or r.marker.evaluate({"extra": ""}) or any(
+                    r.marker.evaluate({"extra": e}) for e in req.extras):
+                todo.append(line.split(";")[0])
+    return folder
 
 
 def install(wheel, site, local_from=None):

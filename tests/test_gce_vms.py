@@ -1,0 +1,126 @@
+"""`burla cluster up` against the fake Compute Engine whose VMs boot (tests/fake_vms.py): each VM is a network
+namespace that runs its real startup script against a fake metadata server, installs the client's own burla from
+a local wheelhouse, and starts the broker and autoscaler (head) or a worker. Jobs then run on those "VMs"."""
+
+import os
+import threading
+import time
+
+import pytest
+
+import netns
+import wheels
+from fake_gce import FakeCompute
+
+pytestmark = pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 (ip netns)")
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    from fake_vms import Booter
+
+    root = tmp_path_factory.mktemp("vms")
+    house = wheels.wheelhouse(str(root / "wheelhouse"), ["burla"] + [
+        r.split(";")[0] for r in __import__("importlib.metadata").metadata.requires("burla") if "extra" not in r])
+    booter = Booter(root / "vm", env={"UV_CACHE_DIR": str(root / "uv-cache")})
+    fake = FakeCompute(host=booter.host_address, booter=booter)
+    booter.env["BURLA_GCE_ENDPOINT"] = fake.endpoint
+    booter.house = house
+    try:
+        yield fake, booter
+    finally:
+        fake.close()
+        booter.close()
+
+
+@pytest.fixture(autouse=True)
+def private_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("BURLA_CONFIG", str(tmp_path / "config.toml"))
+
+
+def cluster_up(cloud, tmp_path, name, **kwargs):
+    from burla import gce
+
+    fake, booter = cloud
+    said = []
+    options = dict(project="proj", zone="us-central1-a", workers=2, machine_type="e2-standard-2", name=name,
+                   state_root=str(tmp_path / "state"), compute=gce.Compute("proj", endpoint=fake.endpoint),
+                   say=said.append, pip_args=f"--no-index --find-links {booter.house}", wait_minutes=1.5,
+                   autoscale_interval=0.5)
+    options.update(kwargs)
+    try:
+        address = gce.up(**options)
+    except BaseException:
+        print("\n".join(said), booter.logs(f"{name}-head"), booter.logs(f"{name}-worker-0"), sep="\n")
+        raise
+    return address, said, options["compute"]
+
+
+def wait_for(condition, seconds, what, booter=None, name=None):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            logs = booter.logs(name) if booter else ""
+            raise AssertionError(f"{what}: not within {seconds} s\n{logs}")
+        time.sleep(0.2)
+
+
+def vm_root():
+    return os.environ.get("BURLA_ROOT", "")
+
+
+def test_up_boots_vms_that_run_a_job_and_survive_a_preemption(cloud, tmp_path):
+    import burla
+    from burla import gce
+
+    fake, booter = cloud
+    address, said, compute = cluster_up(cloud, tmp_path, "b1")
+    assert any("2/2 joined" in s for s in said), said
+    assert any(s.startswith("cost: about $0.20 per hour") for s in said), said  # 3 x e2-standard-2
+
+    # the calls ran in the VMs (their BURLA_ROOT is the VM's), all of them
+    roots = burla.remote_parallel_map(lambda _: __import__("os").environ["BURLA_ROOT"], range(20), packages=[],
+                                      spinner=False)
+    assert {os.path.basename(os.path.dirname(r)).rsplit("-", 1)[0] for r in roots} == {"b1-worker-0", "b1-worker-1"}
+
+    # a VM deleted mid-job (what a preemption is): its calls run again elsewhere; every result comes once
+    out = {}
+    job = threading.Thread(target=lambda: out.update(r=burla.remote_parallel_map(
+        lambda x: (__import__("time").sleep(0.25), x)[1], range(40), packages=[], spinner=False)))
+    job.start()
+    time.sleep(1.5)
+    gone = next(i for i in fake.vms() if i["name"] == "b1-worker-0")
+    compute.delete(gone["zone"].rsplit("/", 1)[1], "b1-worker-0")
+    job.join(60)
+    assert out["r"] == list(range(40))
+    # the minimum is 2: the autoscaler boots another, which joins
+    state = lambda: burla.client.cluster_state(address)  # noqa: E731
+    wait_for(lambda: sum(1 for w in state()["workers"]) == 2 and any(
+        v["name"] == "b1-worker-0" for v in fake.vms()), 60, "a replacement VM", booter, "b1-head")
+    rows = gce.status("proj", "b1", compute=compute, state=state())
+    assert [(r["name"], r["joined"]) for r in rows] == [("b1-head", False), ("b1-worker-0", True),
+                                                        ("b1-worker-1", True)]
+    assert all(r["slots"] == 2 for r in rows[1:]) and all(r["cost"] is not None for r in rows)
+    assert gce.down("proj", "b1", compute=compute) == 3
+
+
+def test_grow_boots_vms_for_a_job_and_idle_ones_go(cloud, tmp_path, capfd):
+    import burla
+    from burla import gce
+
+    fake, booter = cloud
+    address, said, compute = cluster_up(cloud, tmp_path, "b2", workers=0, min_workers=0, max_workers=2,
+                                        idle_minutes=0.05)
+    assert [v["name"] for v in fake.vms() if v["name"].startswith("b2-")] == ["b2-head"]
+    start = time.monotonic()
+    roots = burla.remote_parallel_map(
+        lambda x: (__import__("time").sleep(0.3), __import__("os").environ["BURLA_ROOT"])[1], range(16),
+        packages=[], grow=True)
+    assert len(roots) == 16 and {os.path.basename(os.path.dirname(r)).rsplit("-", 1)[0] for r in roots} <= {
+        "b2-worker-0", "b2-worker-1"}
+    assert "waiting for 2 VMs to boot" in capfd.readouterr().err
+    print(f"grew and ran in {time.monotonic() - start:.1f} s")
+    # idle past 3 s: the autoscaler deletes them, down to the minimum (0); the head stays
+    wait_for(lambda: [v["name"] for v in fake.vms() if v["name"].startswith("b2-")] == ["b2-head"], 30,
+             "idle workers deleted", booter, "b2-head")
+    assert gce.down("proj", "b2", compute=compute) == 1
