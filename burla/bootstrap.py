@@ -132,6 +132,12 @@ export PATH="$ROOT/bin:$PATH" UV_PYTHON_INSTALL_DIR="$ROOT/python"
 if ! command -v uv >/dev/null; then  # uv brings a Python of the client's version, and installs fast
     curl -LsSf https://astral.sh/uv/install.sh | env UV_INSTALL_DIR="$ROOT/bin" UV_NO_MODIFY_PATH=1 sh
 fi
+CONTAINERS=""
+if [ "$ROLE" != head ] && ! command -v docker >/dev/null && ! command -v podman >/dev/null && command -v apt-get >/dev/null
+then  # jobs with image= run in containers: podman, installed while the rest is
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman) > containers.log 2>&1 &
+    CONTAINERS=$!
+fi
 WHEEL=$(attr burla-wheel)
 SHA=$(attr burla-wheel-sha256)
 if [ "$(cat venv/.burla-wheel 2>/dev/null || true)" != "$SHA" ]; then
@@ -155,7 +161,8 @@ supervise() {  # UNIT COMMAND...: keep COMMAND running (started again 3 s after 
 }
 AS=()
 if [ "$RUN_AS" != root ] && [ "$(id -u)" = 0 ]; then
-    id -u "$RUN_AS" >/dev/null 2>&1 || useradd --system --create-home --shell /usr/sbin/nologin "$RUN_AS"
+    # (not a system user: a regular one gets subordinate ids, which rootless podman needs)
+    id -u "$RUN_AS" >/dev/null 2>&1 || useradd --create-home --shell /usr/sbin/nologin "$RUN_AS"
     AS=(setpriv --reuid="$RUN_AS" --regid="$RUN_AS" --init-groups --)
 fi
 if [ "$ROLE" = head ]; then
@@ -167,6 +174,9 @@ if [ "$ROLE" = head ]; then
     supervise autoscaler venv/bin/python -m burla cluster autoscale --state-dir "$ROOT/state" --wheel "$ROOT/$WHEEL"
 else
     mkdir -p envs && chown "${RUN_AS}:" envs 2>/dev/null || true
+    if [ -n "$CONTAINERS" ] && ! wait "$CONTAINERS"; then
+        echo "burla: podman could not be installed (containers.log): jobs with image= will not run here"
+    fi
     BROKER=$(attr burla-broker)
     GPUS=$(attr burla-gpus || true)
     BURLA_WORKER_TOKEN=$(attr burla-worker-token) supervise worker "${AS[@]}" venv/bin/python -m burla worker \

@@ -127,6 +127,14 @@ class Compute:
             self.types[zone, name] = (t.guest_cpus, round(t.memory_mb / 1024, 2))
         return self.types[zone, name]
 
+    def serial_output(self, zone, name, lines=20):
+        """The last lines a VM wrote to its serial console (where its startup script's output goes), or ""."""
+        try:
+            out = self.call(self.instances.get_serial_port_output, project=self.project, zone=zone, instance=name)
+        except CloudError:
+            return ""
+        return "\n".join(out.contents.splitlines()[-lines:])
+
     def delete(self, zone, name):
         from google.api_core import exceptions as gexc
 
@@ -408,10 +416,15 @@ def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
             if joined >= workers:
                 return
             if time.monotonic() > deadline:
+                late = [(z, i.name) for z, i in compute.cluster(name) if i.labels.get(ROLE) == "worker" and
+                        i.name not in {w["id"] for w in state.get("workers", ())}] if broker == "answers" else \
+                    [(z, i.name) for z, i in compute.cluster(name) if i.labels.get(ROLE) == "head"]
+                tail = compute.serial_output(*late[0]) if late else ""
                 raise CloudError(
                     f"only {joined} of {workers} workers joined within {seconds / 60:g} minutes. The VMs are up (and "
-                    f"cost money): `gcloud compute instances get-serial-port-output {name}-worker-0` shows a "
-                    f"worker's boot; `burla cluster down --name {name}` deletes them")
+                    f"cost money): `burla cluster down --name {name}` deletes them."
+                    + (f" The end of {late[0][1]}'s boot (`gcloud compute instances get-serial-port-output "
+                       f"{late[0][1]} --zone {late[0][0]}`):\n{tail}" if tail else ""))
             time.sleep(2.0)
     finally:
         if bar is not None:

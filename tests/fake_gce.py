@@ -94,6 +94,11 @@ class FakeCompute:
             if method == "POST":
                 return self.insert(project, zone, body)
             return 200, {"items": [i for (z, _), i in self.instances.items() if z == zone and matches(i, query)]}
+        if m2 := re.fullmatch(r"zones/([^/]+)/instances/([^/]+)/serialPort", rest):
+            if m2.groups() not in self.instances:
+                return 404, {"error": {"code": 404, "message": f"The resource '{m2.group(2)}' was not found"}}
+            text = self.booter.serial(*m2.groups()) if self.booter else ""
+            return 200, {"kind": "compute#serialPortOutput", "contents": text, "start": "0", "next": str(len(text))}
         if m2 := re.fullmatch(r"zones/([^/]+)/instances/([^/]+)", rest):
             zone, name = m2.groups()
             if (zone, name) not in self.instances:

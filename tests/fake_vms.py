@@ -108,6 +108,15 @@ class Booter:
                             out.append(f"--- {entry}/{path}\n{fh.read()[-4000:]}")
         return "\n".join(out)
 
+    def serial(self, zone, name):
+        """What the VM's startup script wrote (its serial console, on Compute Engine)."""
+        with self.lock:
+            vm = self.vms.get((zone, name))
+        if vm is None:
+            return ""
+        with open(os.path.join(vm[3], "boot.log"), errors="replace") as fh:
+            return fh.read()
+
     def delete(self, zone, name):
         with self.lock:
             vm = self.vms.pop((zone, name), None)

@@ -248,3 +248,29 @@ def test_broker_reports_demand_and_tells_growing_jobs(new_cluster):
     assert job["out"] == [None] * 6
     with pytest.raises(ValueError, match="grow must be True or False"):
         burla.remote_parallel_map(time.sleep, [0], cluster=new_cluster.address, grow="yes")
+
+
+def test_careless_up_is_refused_before_any_vm(fake, compute, tmp_path):
+    for kwargs, message in [(dict(workers=3, max_workers=2), r"--workers \(3\) <= --max-workers \(2\)"),
+                            (dict(workers=1, min_workers=2), r"--min-workers \(2\) <= --workers \(1\)"),
+                            (dict(python="3.9"), "can run Python 3.10, 3.11, 3.12, 3.13, not 3.9"),
+                            (dict(machine_type="n9-huge-1"), "machineTypes/n9-huge-1' was not found")]:
+        with pytest.raises(gce.CloudError, match=message):
+            up(compute, tmp_path, **kwargs)
+    assert fake.vms() == [] and not any(m == "POST" for m, _ in fake.requests)
+
+
+def test_cluster_status_json(fake, tmp_path):
+    import json
+
+    env = dict(os.environ, BURLA_GCE_ENDPOINT=fake.endpoint, BURLA_CONFIG=str(tmp_path / "config.toml"),
+               HOME=str(tmp_path))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "burla", "cluster", *args, "--project", "proj"],  # noqa: E731
+                                       capture_output=True, text=True, env=env, timeout=60)
+    assert run("up", "--zone", "us-central1-a", "--workers", "1", "--wait-minutes", "0").returncode == 0
+    rows = json.loads(run("status", "--json").stdout)
+    assert [(r["name"], r["role"], r["joined"]) for r in rows] == [("burla-head", "head", False),
+                                                                   ("burla-worker-0", "worker", False)]
+    assert rows[1]["machine_type"] == "n2-standard-4" and rows[1]["cost"] is not None
+    table = run("status").stdout
+    assert "SLOTS" in table and "cost so far about $" in table and "the broker did not answer" in table

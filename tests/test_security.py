@@ -201,3 +201,19 @@ def test_embedded_cluster_listens_on_no_network_port(run_script):
     """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["ipc", "0"]
+
+
+def test_only_the_clusters_admin_speaks_for_its_autoscaler(secure):
+    """CAPACITY (what the autoscaler is booting, which growing jobs are told) is taken from the cluster's first
+    API key only: another user's key cannot make other users' progress lines say VMs are coming."""
+    other_key = subprocess.run([sys.executable, "-m", "burla", "broker", "--bind", secure.address, "--state-dir",
+                                str(secure.state), "--new-api-key"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    assert cluster_state(secure.address, 2, other_key)["workers"]  # (the key is admitted)
+    try:
+        cluster_state(secure.address, 2, other_key, capacity={"b": 99, "n": 0, "mx": 99})
+    except TimeoutError:
+        pass  # (refused: the broker may not answer that connection at all)
+    assert cluster_state(secure.address, 2, secure.api_key)["scaling"] is None
+    state = cluster_state(secure.address, 2, secure.api_key, capacity={"b": 2, "n": 1, "mx": 4})
+    assert {k: state["scaling"][k] for k in "bn"} == {"b": 2, "n": 1}
