@@ -785,20 +785,28 @@ def cluster(args, parser):
 
 
 def cluster_status(args, gce):
-    """The VMs, with what the broker says of their workers when it answers (the configured cluster's)."""
+    """The VMs, with what the cluster's broker says of their workers when it answers."""
     import json
+    import os
 
     from burla import config, errors
     from burla.client import cluster_state
 
-    state = None
-    try:
-        address = config.cluster_address()
-        if address and address.startswith("tcp://"):
-            state = cluster_state(address, timeout=3.0)
-    except (TimeoutError, OSError, ValueError, errors.BurlaError):
-        state = None
-    rows = gce.status(args.project, args.name, state=state)
+    rows, state = gce.status(args.project, args.name), None
+    head = next((r for r in rows if r["role"] == "head" and r["external_ip"]), None)
+    if head:  # (its API key is the one `up` kept, else the configured one)
+        keys = os.path.join(os.path.expanduser("~/.burla/clusters"), args.name, "api_keys")
+        try:
+            with open(keys) as fh:
+                key = fh.readline().strip() or None
+        except OSError:
+            key = None
+        try:
+            state = cluster_state(f"tcp://{head['external_ip']}:{gce.PORT}", timeout=3.0,
+                                  api_key=key or config.api_key())
+            rows = gce.status(args.project, args.name, state=state)
+        except (TimeoutError, OSError, ValueError, errors.BurlaError):
+            state = None
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

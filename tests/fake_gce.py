@@ -75,9 +75,10 @@ class FakeCompute:
                         creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%S.000-00:00", time.gmtime()))
         address = self.booter.insert(zone, instance) if self.booter else None
         for nic in instance.get("networkInterfaces", []):
-            nic["networkIP"] = address or f"10.0.0.{n}"
+            # (without a booter: loopback addresses where nothing listens, so that no test sends a packet out)
+            nic["networkIP"] = address or f"127.0.2.{n}"
             for access in nic.get("accessConfigs", []):
-                access["natIP"] = address or f"203.0.113.{n}"
+                access["natIP"] = address or f"127.0.1.{n}"
         self.instances[(zone, name)] = instance
         return 200, self.operation(project, zone, target)
 

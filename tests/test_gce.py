@@ -85,6 +85,7 @@ def test_up_status_down(fake, compute, tmp_path):
 
     # the client now uses the cluster
     assert address == f"tcp://{head['networkInterfaces'][0]['accessConfigs'][0]['natIP']}:5555"
+    assert address.startswith("tcp://127.0.1.")
     assert config.cluster_address() == address and config.api_key() == keys.api_keys[0]
 
     rows = gce.status("proj", "t1", compute=compute)
@@ -143,22 +144,35 @@ def test_transient_errors_are_retried(fake, compute, tmp_path):
     assert len(fake.vms()) == 2
 
 
-def test_cli_against_the_fake(fake, tmp_path):
-    env = dict(os.environ, BURLA_GCE_ENDPOINT=fake.endpoint, BURLA_CONFIG=str(tmp_path / "config.toml"),
-               HOME=str(tmp_path))
-    run = lambda *args: subprocess.run([sys.executable, "-m", "burla", "cluster", *args, "--project", "proj"],  # noqa: E731
-                                       capture_output=True, text=True, env=env, timeout=60)
+def cli(*args):
+    """`burla cluster ARGS --project proj`, in this process (one test runs the real entry point)."""
+    from burla.cli import main
+
+    return main(["cluster", *args, "--project", "proj"])
+
+
+@pytest.fixture
+def cli_env(fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("BURLA_GCE_ENDPOINT", fake.endpoint)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return dict(os.environ)
+
+
+def test_cli_against_the_fake(fake, tmp_path, cli_env, capsys):
     fake.exhausted.add("us-central1-a")
-    failed = run("up", "--zone", "us-central1-a", "--workers", "1", "--wait-minutes", "0")
+    failed = subprocess.run([sys.executable, "-m", "burla", "cluster", "up", "--zone", "us-central1-a", "--workers",
+                             "1", "--wait-minutes", "0", "--project", "proj"], capture_output=True, text=True,
+                            env=cli_env, timeout=60)
     assert failed.returncode == 1 and "burla cluster up: no room for it" in failed.stderr
-    done = run("up", "--zone", "us-central1-a", "--workers", "1", "--zone-fallback", "--wait-minutes", "0")
-    assert done.returncode == 0, done.stderr
-    assert "cluster burla is up: tcp://203.0.113." in done.stdout
-    assert "cost: about $0.26 per hour (list price) for the head and 1 x n2-standard-4" in done.stdout
-    status = run("status")
-    assert "burla-head" in status.stdout and "burla-worker-0" in status.stdout and "RUNNING" in status.stdout
-    assert run("down").stdout.strip().endswith("deleted 2 VM(s) of cluster burla")
-    assert "no VMs" in run("status").stdout
+    assert cli("up", "--zone", "us-central1-a", "--workers", "1", "--zone-fallback", "--wait-minutes", "0") == 0
+    out = capsys.readouterr().out
+    assert "cluster burla is up: tcp://127.0.1." in out
+    assert "cost: about $0.26 per hour (list price) for the head and 1 x n2-standard-4" in out
+    assert cli("status") == 0
+    status = capsys.readouterr().out
+    assert "burla-head" in status and "burla-worker-0" in status and "RUNNING" in status
+    assert cli("down") == 0 and capsys.readouterr().out.strip().endswith("deleted 2 VM(s) of cluster burla")
+    assert cli("status") == 0 and "no VMs" in capsys.readouterr().out
 
 
 SETTINGS = {"name": "t1", "vcpus": 4, "min": 1, "max": 5, "idle_minutes": 10, "gpu": ""}
@@ -260,17 +274,16 @@ def test_careless_up_is_refused_before_any_vm(fake, compute, tmp_path):
     assert fake.vms() == [] and not any(m == "POST" for m, _ in fake.requests)
 
 
-def test_cluster_status_json(fake, tmp_path):
+def test_cluster_status_json(fake, cli_env, capsys):
     import json
 
-    env = dict(os.environ, BURLA_GCE_ENDPOINT=fake.endpoint, BURLA_CONFIG=str(tmp_path / "config.toml"),
-               HOME=str(tmp_path))
-    run = lambda *args: subprocess.run([sys.executable, "-m", "burla", "cluster", *args, "--project", "proj"],  # noqa: E731
-                                       capture_output=True, text=True, env=env, timeout=60)
-    assert run("up", "--zone", "us-central1-a", "--workers", "1", "--wait-minutes", "0").returncode == 0
-    rows = json.loads(run("status", "--json").stdout)
+    assert cli("up", "--zone", "us-central1-a", "--workers", "1", "--wait-minutes", "0") == 0
+    capsys.readouterr()
+    assert cli("status", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["role"], r["joined"]) for r in rows] == [("burla-head", "head", False),
                                                                    ("burla-worker-0", "worker", False)]
     assert rows[1]["machine_type"] == "n2-standard-4" and rows[1]["cost"] is not None
-    table = run("status").stdout
+    assert cli("status") == 0
+    table = capsys.readouterr().out
     assert "SLOTS" in table and "cost so far about $" in table and "the broker did not answer" in table

@@ -133,9 +133,9 @@ def test_a_boot_that_fails_says_why(cloud, tmp_path):
     empty = tmp_path / "empty-wheelhouse"
     empty.mkdir()
     with pytest.raises(gce.CloudError) as failed:
-        cluster_up(cloud, tmp_path, "b3", workers=1, wait_minutes=0.3, pip_args=f"--no-index --find-links {empty}")
+        cluster_up(cloud, tmp_path, "b3", workers=1, wait_minutes=0.15, pip_args=f"--no-index --find-links {empty}")
     text = str(failed.value)
-    assert "only 0 of 1 workers joined within 0.3 minutes" in text and "burla cluster down --name b3" in text
+    assert "only 0 of 1 workers joined within 0.15 minutes" in text and "burla cluster down --name b3" in text
     assert "The end of b3-head's boot" in text and "pyzmq" in text  # (the broker never came: the head's boot)
     compute = gce.Compute("proj", endpoint=cloud[0].endpoint)
     assert gce.down("proj", "b3", compute=compute) == 2
