@@ -77,8 +77,12 @@ def run(state_dir, wheel_path, interval=None, say=None):
         settings = json.load(fh)
     with open(os.path.join(state_dir, "address")) as fh:
         settings["broker"] = f"tcp://{fh.read().strip()}:{gce.PORT}"
+    url = None
+    if os.path.exists(os.path.join(state_dir, "wheel-url")):  # (too big for metadata: new VMs read the bucket)
+        with open(os.path.join(state_dir, "wheel-url")) as fh:
+            url = fh.read().strip() or None
     with open(wheel_path, "rb") as fh:
-        wheel_items = gce.bootstrap.wheel_metadata(os.path.basename(wheel_path), fh.read())
+        wheel_items = gce.bootstrap.wheel_metadata(os.path.basename(wheel_path), fh.read(), url)
     keys = BrokerKeys(state_dir)
     compute = gce.Compute(settings["project"])
     interval = interval or settings.get("interval") or 5.0

@@ -99,15 +99,18 @@ def write_package(folder):
     return path
 
 
-def wheel_metadata(filename, wheel):
-    """The instance metadata that carries the wheel: its name, digest and base64 in parts."""
+def wheel_metadata(filename, wheel, url=None):
+    """The instance metadata that carries the wheel: its name, digest and base64 in parts; or where it is
+    (url: gs://bucket/object) when it is too big for metadata."""
+    items = {"burla-wheel": filename, "burla-wheel-sha256": hashlib.sha256(wheel).hexdigest()}
+    if url:
+        return dict(items, **{"burla-wheel-url": url})
     if len(wheel) > WHEEL_LIMIT:
         raise ValueError(f"burla's wheel is {len(wheel) // 1024} KB, more than the {WHEEL_LIMIT // 1024} KB that "
                          "fit in a VM's metadata")
     text = base64.b64encode(wheel).decode()
     parts = [text[k:k + PART] for k in range(0, len(text), PART)]
-    items = {"burla-wheel": filename, "burla-wheel-sha256": hashlib.sha256(wheel).hexdigest(),
-             "burla-wheel-parts": str(len(parts))}
+    items["burla-wheel-parts"] = str(len(parts))
     items.update({f"burla-wheel-{k}": part for k, part in enumerate(parts)})
     return items
 
@@ -141,9 +144,17 @@ fi
 WHEEL=$(attr burla-wheel)
 SHA=$(attr burla-wheel-sha256)
 if [ "$(cat venv/.burla-wheel 2>/dev/null || true)" != "$SHA" ]; then
-    : > wheel.b64
-    for ((k = 0; k < $(attr burla-wheel-parts); k++)); do attr "burla-wheel-$k" >> wheel.b64; done
-    base64 -d wheel.b64 > "$WHEEL" && rm wheel.b64
+    URL=$(attr burla-wheel-url || true)
+    if [ -n "$URL" ]; then  # gs://BUCKET/OBJECT, read with the VM's service account
+        OBJECT=${URL#gs://*/}; BUCKET=${URL#gs://}; BUCKET=${BUCKET%%%%/*}
+        TOKEN=$(get instance/service-accounts/default/token | sed -E 's/.*"access_token" *: *"([^"]+)".*/\1/')
+        curl -sf --retry 5 -H "Authorization: Bearer $TOKEN" -o "$WHEEL" \
+            "${BURLA_STORAGE_URL:-https://storage.googleapis.com}/storage/v1/b/$BUCKET/o/${OBJECT//\//%%2F}?alt=media"
+    else
+        : > wheel.b64
+        for ((k = 0; k < $(attr burla-wheel-parts); k++)); do attr "burla-wheel-$k" >> wheel.b64; done
+        base64 -d wheel.b64 > "$WHEEL" && rm wheel.b64
+    fi
     echo "$SHA  $WHEEL" | sha256sum -c --quiet
     rm -rf venv
     uv venv -q --python "$(attr burla-python)" venv
@@ -169,6 +180,7 @@ if [ "$ROLE" = head ]; then
     mkdir -p state && chmod 700 state
     [ -f state/broker.secret ] || attr burla-broker-state | base64 -d | tar -xz -C state
     attr burla-cluster > state/cluster.json
+    attr burla-wheel-url > state/wheel-url || rm -f state/wheel-url
     get instance/network-interfaces/0/ip > state/address
     supervise broker venv/bin/python -m burla broker --bind tcp://0.0.0.0:%(port)d --state-dir "$ROOT/state"
     supervise autoscaler venv/bin/python -m burla cluster autoscale --state-dir "$ROOT/state" --wheel "$ROOT/$WHEEL"

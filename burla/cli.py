@@ -115,7 +115,7 @@ def main(argv=None):
     c.add_argument("--gpu", help="accelerators per worker, TYPE:COUNT, e.g. nvidia-tesla-t4:1")
     c.add_argument("--disk-gb", type=int, default=50)
     c.add_argument("--zone-fallback", action="store_true", help="if a zone has no room, try the region's others")
-    c.add_argument("--python", help="the VMs' Python, 3.10 to 3.13 (default: this one's, %s)" % (
+    c.add_argument("--python", help="the VMs' Python, 3.11 to 3.13 (default: this one's, %s)" % (
         f"{sys.version_info.major}.{sys.version_info.minor}"))
     c.add_argument("--pip-args", default="", help="options for installing burla's packages on the VMs, e.g. "
                                                   "'--index-url https://mirror/simple' (default: PyPI)")

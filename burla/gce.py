@@ -14,6 +14,7 @@ If anything fails, every VM this command created is deleted again.
 """
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ PORT = 5555
 LABEL, ROLE = "burla-cluster", "burla-role"
 OS_IMAGE = "projects/debian-cloud/global/images/family/debian-12"  # public: nothing to build or push
 GPU_IMAGE = "projects/deeplearning-platform-release/global/images/family/common-cu124-debian-11"  # NVIDIA drivers
-PYTHONS = ("3.10", "3.11", "3.12", "3.13")  # what uv brings onto a VM (the client's own minor version is used)
+PYTHONS = ("3.11", "3.12", "3.13")  # what burla runs on (requires-python), which uv brings onto a VM
 CAPACITY = ("ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", "RESOURCE_AVAILABILITY",
             "UNSUPPORTED_OPERATION")
 RETRIES = 5
@@ -55,7 +56,8 @@ class Compute:
         from google.cloud import compute_v1
 
         self.project, self.v1 = project, compute_v1
-        endpoint = endpoint or os.environ.get("BURLA_GCE_ENDPOINT")
+        endpoint = self.endpoint = endpoint or os.environ.get("BURLA_GCE_ENDPOINT")
+        self.session = None  # Cloud Storage's, made when first needed
 
         def client(name):
             cls = getattr(compute_v1, name + "Client")
@@ -126,6 +128,50 @@ class Compute:
             t = self.call(self.machine_types.get, project=self.project, zone=zone, machine_type=name)
             self.types[zone, name] = (t.guest_cpus, round(t.memory_mb / 1024, 2))
         return self.types[zone, name]
+
+    # -------------------------------------------------------------- Cloud Storage (a wheel too big for metadata)
+    def storage(self, method, path, **kwargs):
+        """A Cloud Storage JSON API request (path after the host); the answer, None for a 404."""
+        if self.session is None:
+            import requests
+
+            if self.endpoint:
+                self.session, self.storage_url = requests.Session(), self.endpoint
+            else:
+                import google.auth
+                from google.auth.transport.requests import AuthorizedSession
+
+                credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/devstorage.read_write"])
+                self.session, self.storage_url = AuthorizedSession(credentials), "https://storage.googleapis.com"
+        for attempt in range(RETRIES):
+            answer = self.session.request(method, self.storage_url + path, timeout=60, **kwargs)
+            if answer.status_code not in (429, 500, 502, 503, 504) or attempt == RETRIES - 1:
+                break
+            time.sleep(min(0.2 * 2 ** attempt, 5))
+        if answer.status_code == 404:
+            return None
+        if answer.status_code >= 400 and answer.status_code != 409:
+            raise CloudError(f"Cloud Storage {method} {path.split('?')[0]}: {answer.status_code} {answer.text[:300]}")
+        return answer
+
+    def put_object(self, bucket, name, data):
+        """Upload data as gs://bucket/name, making the bucket (in the project) first if need be."""
+        self.storage("POST", f"/storage/v1/b?project={self.project}", json={"name": bucket})
+        if self.storage("POST", f"/upload/storage/v1/b/{bucket}/o", params={"uploadType": "media", "name": name},
+                        data=data, headers={"Content-Type": "application/octet-stream"}) is None:
+            raise CloudError(f"bucket {bucket} could not be made")
+
+    def delete_bucket(self, bucket):
+        """Delete the bucket and what is in it; False if there was none."""
+        from urllib.parse import quote
+
+        listing = self.storage("GET", f"/storage/v1/b/{bucket}/o")
+        if listing is None:
+            return False
+        for item in listing.json().get("items", []):
+            self.storage("DELETE", f"/storage/v1/b/{bucket}/o/{quote(item['name'], safe='')}")
+        self.storage("DELETE", f"/storage/v1/b/{bucket}")
+        return True
 
     def serial_output(self, zone, name, lines=20):
         """The last lines a VM wrote to its serial console (where its startup script's output goes), or ""."""
@@ -201,8 +247,9 @@ def vm(compute, name, cluster, role, zone, machine_type, disk_gb, metadata, spot
             v1.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")])],
         metadata=v1.Metadata(items=[v1.Items(key=k, value=v) for k, v in metadata.items()]),
         service_accounts=[v1.ServiceAccount(email="default", scopes=[
-            "https://www.googleapis.com/auth/cloud-platform" if role == "head" else
-            "https://www.googleapis.com/auth/logging.write"])])
+            "https://www.googleapis.com/auth/cloud-platform"] if role == "head" else [
+            "https://www.googleapis.com/auth/logging.write",
+            "https://www.googleapis.com/auth/devstorage.read_only"])])  # (the wheel, when it is in a bucket)
     scheduling = v1.Scheduling()
     if spot:  # a preempted worker is a lost worker: its batches run again elsewhere, and the autoscaler replaces it
         scheduling.provisioning_model = "SPOT"
@@ -327,10 +374,6 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
                          "first, or choose another --name")
     vcpus, memory_gb = compute.machine_type(zone, machine_type)
     wheel_file, wheel = bootstrap.package()
-    try:
-        wheel_items = bootstrap.wheel_metadata(wheel_file, wheel)
-    except ValueError as e:
-        raise CloudError(str(e)) from None
     folder = os.path.join(os.path.expanduser(state_root or "~/.burla/clusters"), name)
     keys = security.BrokerKeys(folder)
     zones = compute.zones(zone) if zone_fallback else [zone]
@@ -338,8 +381,16 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
                 "memory_gb": memory_gb, "spot": bool(spot), "gpu": gpu or "", "disk_gb": disk_gb,
                 "min": min_workers, "max": max_workers, "idle_minutes": idle_minutes, "python": python,
                 "pip_args": pip_args or "", "interval": autoscale_interval}
-    created = []
+    created, bucket = [], None
     try:
+        try:
+            wheel_items = bootstrap.wheel_metadata(wheel_file, wheel)
+        except ValueError as e:  # (local changes made it big): it travels in a bucket `down` deletes
+            bucket = bucket_name(project, name)
+            digest = hashlib.sha256(wheel).hexdigest()
+            say(f"{e}: it goes in gs://{bucket}")
+            compute.put_object(bucket, f"{digest[:16]}/{wheel_file}", wheel)
+            wheel_items = bootstrap.wheel_metadata(wheel_file, wheel, url=f"gs://{bucket}/{digest[:16]}/{wheel_file}")
         compute.ensure_firewall("burla-broker")
         say(f"creating {name}-head ({head_machine_type}) in {zones[0]}")
         settings["broker"] = ""  # (the head's own address: its autoscaler reads it from the metadata server)
@@ -361,6 +412,8 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
                 compute.delete(z, n)  # (one never made is not found: fine)
             except Exception as e:
                 say(f"could not delete {n} in {z}: {e}; delete it by hand (burla cluster down)")
+        if bucket:
+            compute.delete_bucket(bucket)
         raise
     address = f"tcp://{external}:{PORT}"
     config.save(cluster=address, api_key=keys.api_keys[0])
@@ -441,7 +494,14 @@ def down(project, name="burla", compute=None, say=print):
     with concurrent.futures.ThreadPoolExecutor(max(1, min(32, len(vms)))) as pool:
         for f in [pool.submit(compute.delete, zone, instance.name) for zone, instance in vms]:
             f.result()
+    if compute.delete_bucket(bucket_name(project, name)):
+        say(f"deleted gs://{bucket_name(project, name)}")
     return len(vms)
+
+
+def bucket_name(project, cluster):
+    """The cluster's bucket (bucket names are global: the project's name in it keeps it apart)."""
+    return f"burla-{hashlib.sha256(f'{project}/{cluster}'.encode()).hexdigest()[:12]}-{cluster}"[:63].rstrip("-")
 
 
 def status(project, name="burla", compute=None, state=None):

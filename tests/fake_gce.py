@@ -27,6 +27,8 @@ class FakeCompute:
         self.instances = {}  # (zone, name) -> instance JSON
         self.operations = {}  # name -> operation JSON
         self.firewalls = {}
+        self.buckets = {}  # name -> {object name: bytes}
+        self.storage_reads = []  # (bucket, object, Authorization header) of every object read
         self.exhausted, self.quota_after, self.transient = set(), None, 0
         self.requests = []  # (method, path) of every request
         self.ids = itertools.count(1)
@@ -81,6 +83,48 @@ class FakeCompute:
                 access["natIP"] = address or f"127.0.1.{n}"
         self.instances[(zone, name)] = instance
         return 200, self.operation(project, zone, target)
+
+    def storage(self, method, path, query, raw, authorization):
+        """Cloud Storage's JSON API, the parts burla uses: buckets made, listed and deleted, objects uploaded
+        (uploadType=media), read (alt=media) and deleted."""
+        from urllib.parse import parse_qs, unquote
+
+        args = {k: v[0] for k, v in parse_qs(query).items()}
+        missing = 404, {"error": {"code": 404, "message": "No such object or bucket."}}
+        if path == "/storage/v1/b" and method == "POST":
+            name = json.loads(raw)["name"]
+            if name in self.buckets:
+                return 409, {"error": {"code": 409, "message": "Your previous request to create the named bucket "
+                                                              "succeeded and you already own it."}}
+            self.buckets[name] = {}
+            return 200, {"kind": "storage#bucket", "name": name}
+        if m := re.fullmatch(r"/upload/storage/v1/b/([^/]+)/o", path):
+            if m.group(1) not in self.buckets:
+                return missing
+            self.buckets[m.group(1)][args["name"]] = raw
+            return 200, {"kind": "storage#object", "bucket": m.group(1), "name": args["name"], "size": str(len(raw))}
+        if m := re.fullmatch(r"/storage/v1/b/([^/]+)/o", path):
+            if m.group(1) not in self.buckets:
+                return missing
+            return 200, {"items": [{"name": n} for n in self.buckets[m.group(1)]]}
+        if m := re.fullmatch(r"/storage/v1/b/([^/]+)/o/([^/]+)", path):
+            bucket, name = m.group(1), unquote(m.group(2))
+            if name not in self.buckets.get(bucket, {}):
+                return missing
+            if method == "DELETE":
+                del self.buckets[bucket][name]
+                return 204, {}
+            self.storage_reads.append((bucket, name, authorization))
+            return 200, self.buckets[bucket][name] if args.get("alt") == "media" else {"name": name}
+        if m := re.fullmatch(r"/storage/v1/b/([^/]+)", path):
+            if m.group(1) not in self.buckets:
+                return missing
+            if method == "DELETE":
+                if self.buckets[m.group(1)]:
+                    return 409, {"error": {"code": 409, "message": "The bucket you tried to delete is not empty."}}
+                del self.buckets[m.group(1)]
+                return 204, {}
+        return 404, {"error": {"code": 404, "message": f"not faked: {method} {path}"}}
 
     def route(self, method, path, query, body):
         if self.transient > 0:
@@ -145,13 +189,18 @@ class FakeCompute:
             def do(self):
                 path, _, query = self.path.partition("?")
                 length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"null") if length else None
+                raw = self.rfile.read(length) if length else b""
                 with fake.lock:
                     fake.requests.append((self.command, path))
-                    status, answer = fake.route(self.command, path, query, body)
-                data = json.dumps(answer).encode()
+                    if path.startswith(("/storage/", "/upload/storage/")):
+                        status, answer = fake.storage(self.command, path, query, raw,
+                                                      self.headers.get("Authorization"))
+                    else:
+                        status, answer = fake.route(self.command, path, query, json.loads(raw) if raw else None)
+                data = b"" if status == 204 else answer if isinstance(answer, bytes) else json.dumps(answer).encode()
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "application/octet-stream" if isinstance(answer, bytes) else
+                                 "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

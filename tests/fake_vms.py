@@ -65,7 +65,9 @@ class Booter:
         folder = os.path.join(self.root, f"{name}-{k}")
         os.makedirs(os.path.join(folder, "home"))
         served = {"instance/name": name, "instance/zone": f"projects/0/zones/{zone}",
-                  "instance/network-interfaces/0/ip": address, "project/project-id": "proj"}
+                  "instance/network-interfaces/0/ip": address, "project/project-id": "proj",
+                  "instance/service-accounts/default/token": json.dumps(
+                      {"access_token": f"token-of-{name}", "expires_in": 3599, "token_type": "Bearer"})}
         for item in instance.get("metadata", {}).get("items", []):
             served[f"instance/attributes/{item['key']}"] = item["value"]
         with open(os.path.join(folder, "metadata.json"), "w") as fh:

@@ -267,7 +267,7 @@ def test_broker_reports_demand_and_tells_growing_jobs(new_cluster):
 def test_careless_up_is_refused_before_any_vm(fake, compute, tmp_path):
     for kwargs, message in [(dict(workers=3, max_workers=2), r"--workers \(3\) <= --max-workers \(2\)"),
                             (dict(workers=1, min_workers=2), r"--min-workers \(2\) <= --workers \(1\)"),
-                            (dict(python="3.9"), "can run Python 3.10, 3.11, 3.12, 3.13, not 3.9"),
+                            (dict(python="3.9"), "can run Python 3.11, 3.12, 3.13, not 3.9"),
                             (dict(machine_type="n9-huge-1"), "machineTypes/n9-huge-1' was not found")]:
         with pytest.raises(gce.CloudError, match=message):
             up(compute, tmp_path, **kwargs)

@@ -24,7 +24,7 @@ def cloud(tmp_path_factory):
         r.split(";")[0] for r in __import__("importlib.metadata").metadata.requires("burla") if "extra" not in r])
     booter = Booter(root / "vm", env={"UV_CACHE_DIR": str(root / "uv-cache")})
     fake = FakeCompute(host=booter.host_address, booter=booter)
-    booter.env["BURLA_GCE_ENDPOINT"] = fake.endpoint
+    booter.env.update(BURLA_GCE_ENDPOINT=fake.endpoint, BURLA_STORAGE_URL=fake.endpoint)
     booter.house = house
     try:
         yield fake, booter
@@ -104,14 +104,22 @@ def test_up_boots_vms_that_run_a_job_and_survive_a_preemption(cloud, tmp_path):
     assert gce.down("proj", "b1", compute=compute) == 3
 
 
-def test_grow_boots_vms_for_a_job_and_idle_ones_go(cloud, tmp_path, capfd):
+def test_grow_boots_vms_for_a_job_and_idle_ones_go(cloud, tmp_path, capfd, monkeypatch):
+    """A cluster of none but its head grows for a job with grow=True, then shrinks back. Here burla's wheel is
+    too big for metadata (the limit lowered), so every VM, those the autoscaler makes too, reads it from the
+    cluster's bucket with its own token, and `down` deletes the bucket."""
     import burla
-    from burla import gce
+    from burla import bootstrap, gce
 
     fake, booter = cloud
+    monkeypatch.setattr(bootstrap, "WHEEL_LIMIT", 1000)
     address, said, compute = cluster_up(cloud, tmp_path, "b2", workers=0, min_workers=0, max_workers=2,
                                         idle_minutes=0.05)
     assert [v["name"] for v in fake.vms() if v["name"].startswith("b2-")] == ["b2-head"]
+    bucket = gce.bucket_name("proj", "b2")
+    assert any(f"it goes in gs://{bucket}" in s for s in said) and list(fake.buckets) == [bucket]
+    head_metadata = {i["key"]: i["value"] for i in fake.vms()[0]["metadata"]["items"]}
+    assert "burla-wheel-0" not in head_metadata and head_metadata["burla-wheel-url"].startswith(f"gs://{bucket}/")
     start = time.monotonic()
     roots = burla.remote_parallel_map(
         lambda x: (__import__("time").sleep(0.3), __import__("os").environ["BURLA_ROOT"])[1], range(16),
@@ -123,7 +131,10 @@ def test_grow_boots_vms_for_a_job_and_idle_ones_go(cloud, tmp_path, capfd):
     # idle past 3 s: the autoscaler deletes them, down to the minimum (0); the head stays
     wait_for(lambda: [v["name"] for v in fake.vms() if v["name"].startswith("b2-")] == ["b2-head"], 30,
              "idle workers deleted", booter, "b2-head")
+    readers = {auth for b, _, auth in fake.storage_reads if b == bucket}
+    assert readers == {"Bearer token-of-b2-head", "Bearer token-of-b2-worker-0", "Bearer token-of-b2-worker-1"}
     assert gce.down("proj", "b2", compute=compute) == 1
+    assert bucket not in fake.buckets
 
 
 def test_a_boot_that_fails_says_why(cloud, tmp_path):
