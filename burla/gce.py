@@ -80,6 +80,7 @@ class Compute:
 
     def call(self, fn, *args, **kwargs):
         """fn(...), retried with backoff on errors that pass (429, 5xx); a quota error becomes QuotaError."""
+        import requests
         from google.api_core import exceptions as gexc
 
         for attempt in range(RETRIES):
@@ -89,6 +90,10 @@ class Compute:
                     gexc.GatewayTimeout) as e:
                 if attempt == RETRIES - 1:
                     raise CloudError(f"Compute Engine kept failing ({e.code}): {e.message}") from None
+                time.sleep(min(0.2 * 2 ** attempt, 5))
+            except requests.ConnectionError as e:  # (a connection reset: many requests at once, a flaky link)
+                if attempt == RETRIES - 1:
+                    raise CloudError(f"Compute Engine could not be reached: {e}") from None
                 time.sleep(min(0.2 * 2 ** attempt, 5))
             except gexc.Forbidden as e:
                 if "quota" in str(e).lower():
@@ -117,9 +122,17 @@ class Compute:
         return operation
 
     def create(self, zone, instance):
-        operation = self.call(self.instances.insert_unary, project=self.project, zone=zone,
-                              instance_resource=instance)
-        self.wait(operation, zone)
+        from google.api_core import exceptions as gexc
+
+        def insert():
+            try:
+                return self.instances.insert_unary(project=self.project, zone=zone, instance_resource=instance)
+            except gexc.Conflict:
+                return None  # an insert sent again after a lost answer: the first one made it (names are ours)
+
+        operation = self.call(insert)
+        if operation is not None:
+            self.wait(operation, zone)
         return self.call(self.instances.get, project=self.project, zone=zone, instance=instance.name)
 
     def machine_type(self, zone, name):

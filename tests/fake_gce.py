@@ -5,6 +5,7 @@ and firewalls (get, insert). Failures are injected per zone or per call:
     fake.exhausted.add("us-central1-a")    inserts there end in an operation error ZONE_RESOURCE_POOL_EXHAUSTED
     fake.quota_after = 3                   the 4th VM insert is refused: 403 quotaExceeded
     fake.transient = 2                     the next 2 requests answer 503
+    fake.lost_inserts = 2                  the next 2 VM inserts are made, but their connection drops unanswered
 
 With a booter (tests/fake_vms.py), each VM it creates really boots: on_insert(zone, instance) starts it and gives
 its address, on_delete(zone, name) stops it (a delete from the test is how a preemption looks).
@@ -21,6 +22,10 @@ ZONES = {"us-central1": ["us-central1-a", "us-central1-b", "us-central1-c"], "eu
 MACHINE_TYPES = {"e2-standard-2": (2, 8192), "n2-standard-4": (4, 16384), "n2-standard-8": (8, 32768)}
 
 
+class Server(ThreadingHTTPServer):
+    request_queue_size = 128  # (up makes 32 VMs at once, and Google's API takes them)
+
+
 class FakeCompute:
     def __init__(self, host="127.0.0.1", booter=None):
         self.booter = booter
@@ -29,11 +34,11 @@ class FakeCompute:
         self.firewalls = {}
         self.buckets = {}  # name -> {object name: bytes}
         self.storage_reads = []  # (bucket, object, Authorization header) of every object read
-        self.exhausted, self.quota_after, self.transient = set(), None, 0
+        self.exhausted, self.quota_after, self.transient, self.lost_inserts = set(), None, 0, 0
         self.requests = []  # (method, path) of every request
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, 0), self.handler())
+        self.server = Server((host, 0), self.handler())
         self.endpoint = f"http://{host}:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -197,6 +202,12 @@ class FakeCompute:
                                                       self.headers.get("Authorization"))
                     else:
                         status, answer = fake.route(self.command, path, query, json.loads(raw) if raw else None)
+                    lost = fake.lost_inserts > 0 and self.command == "POST" and path.endswith("/instances")
+                    fake.lost_inserts -= lost
+                if lost:  # made, but the connection drops before the answer
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 data = b"" if status == 204 else answer if isinstance(answer, bytes) else json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/octet-stream" if isinstance(answer, bytes) else

@@ -142,6 +142,17 @@ def test_transient_errors_are_retried(fake, compute, tmp_path):
     fake.transient = 3
     up(compute, tmp_path, workers=1)
     assert len(fake.vms()) == 2
+    fake.lost_inserts = 2  # made, the answer lost: sent again (409, it exists), and one VM made of each
+    up(compute, tmp_path, workers=1, name="t2")
+    assert sorted(v["name"] for v in fake.vms())[2:] == ["t2-head", "t2-worker-0"]
+
+
+def test_many_workers_are_made_at_once(fake, compute, tmp_path):
+    start = time.monotonic()
+    up(compute, tmp_path, workers=60)
+    assert len(fake.vms()) == 61
+    assert sum(1 for m, p in fake.requests if m == "POST" and p.endswith("/instances")) == 61  # once each
+    print(f"60 workers made in {time.monotonic() - start:.1f} s")
 
 
 def cli(*args):
