@@ -736,12 +736,12 @@ class Scheduler:
 
     def on_capacity(self, ident, h, payload, role=None):
         """The autoscaler's news. Only the cluster's admin (its first API key) speaks for the cluster; the clients
-        of jobs that asked to grow and still wait for slots hear how many VMs are on their way."""
+        of jobs that asked to grow, or have no slot yet, and still wait hear how many VMs are on their way."""
         if role is not None and (self.keys is None or role != security.client_role(self.keys.api_keys[0])):
             raise P.ProtocolError("only the cluster's first API key may send CAPACITY")
         self.scaling = dict(h, at=time.time())
-        for job in self.jobs.values():
-            if job.options.get("g") and job.client is not None:
+        for job in self.jobs.values():  # (those that asked to grow, and those with no slot at all)
+            if (job.options.get("g") or not job.slots) and job.client is not None:
                 note = f"waiting for {h['b']} VM{'s' if h['b'] != 1 else ''} to boot" if h["b"] and job.queue else ""
                 if note != job.note:
                     job.note = note

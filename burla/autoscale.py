@@ -36,15 +36,17 @@ def plan(state, vms, settings, now):
     """(how many VMs to create, [(zone, name, why)] to delete, VMs booting now) for one pass. vms: the cluster's
     worker VMs as (zone, name, status, created: epoch seconds)."""
     workers = {w["id"]: w for w in state.get("workers", ())}
+    # (a STATE lists the busiest 1,000 workers: past that, one not listed may have joined all the same)
+    listed_all = state.get("nworkers", len(workers)) <= len(workers)
     delete, live, booting = [], [], 0
     for zone, name, status, created in vms:
         if status in GONE:
             delete.append((zone, name, f"it is {status.lower()} (preempted?)"))
-        elif name not in workers and now - created > BOOT_LIMIT:
+        elif name not in workers and listed_all and now - created > BOOT_LIMIT:
             delete.append((zone, name, f"it did not join within {BOOT_LIMIT / 60:g} minutes"))
         else:
             live.append((zone, name))
-            booting += name not in workers
+            booting += name not in workers and listed_all
     need = 0.0
     for want, cpu, gpus, grow, age in state.get("demand", ()):
         fit = per_vm(settings, cpu, gpus)

@@ -229,6 +229,13 @@ def test_autoscaler_replaces_lost_vms_and_gives_up_on_broken_ones():
     assert create == 1 and delete == [("us-central1-a", "t1-worker-0", "it did not join within 15 minutes")]
 
 
+def test_autoscaler_past_the_workers_a_state_lists():
+    """A STATE names the busiest 1,000 workers: a VM it does not name is not taken for one that never joined."""
+    state = {"workers": [worker("t1-worker-0", busy=4)], "nworkers": 1500, "demand": []}
+    late = autoscale.BOOT_LIMIT + 1
+    assert autoscale.plan(state, vm_rows("t1-worker-0", "t1-worker-1"), SETTINGS, now=late) == (0, [], 0)
+
+
 def test_autoscaler_shrinks_idle_workers_to_what_is_needed():
     settings = dict(SETTINGS, min=1, idle_minutes=1)
     names = ["t1-worker-0", "t1-worker-1", "t1-worker-2"]
@@ -246,7 +253,7 @@ def test_autoscaler_shrinks_idle_workers_to_what_is_needed():
     assert autoscale.plan(state, vm_rows(*names), dict(settings, idle_minutes=None), now=100.0)[1] == []
 
 
-def test_broker_reports_demand_and_tells_growing_jobs(new_cluster):
+def test_broker_reports_demand_and_tells_growing_jobs(new_cluster, capfd):
     """STATE carries every job's demand and the autoscaler's CAPACITY; a job with grow=True hears of the VMs."""
     import burla
 
@@ -271,6 +278,7 @@ def test_broker_reports_demand_and_tells_growing_jobs(new_cluster):
     seen.append(state)
     thread.join(20)
     assert job["out"] == [None] * 6
+    assert "burla: waiting for 3 VMs to boot" in capfd.readouterr().err  # (the job's own progress line)
     with pytest.raises(ValueError, match="grow must be True or False"):
         burla.remote_parallel_map(time.sleep, [0], cluster=new_cluster.address, grow="yes")
 
