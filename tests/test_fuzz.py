@@ -27,9 +27,18 @@ from test_security import SecureCluster
 TARGET = 6_000  # messages per role, at least
 PER_EXAMPLE = (25, 40)  # messages drawn per hypothesis example
 # Generation only: a failure is reported as found (shrinking it would replay examples against a broker whose state
-# has moved on), and no example database is written.
+# has moved on), and no example database is written. Each flood sizes max_examples to what is left of its TARGET
+# (see examples_for): drawing is what a flood spends its time on.
 SETTINGS = settings(max_examples=400, deadline=None, database=None, phases=[Phase.generate],
                     suppress_health_check=list(HealthCheck), print_blob=False)
+
+
+def examples_for(left, sent, examples):
+    """max_examples for the next call of a flood that has sent `sent` messages (or chunks) in `examples` examples
+    so far and has `left` to go: about enough to make it up, so that no flood draws twice its TARGET (the count is
+    only looked at between calls). The first call guesses 30 an example."""
+    rate = sent / examples if examples and sent else 30
+    return max(5, math.ceil(left / max(rate, 1)))
 
 
 # ------------------------------------------------------------------------------------------------ the cluster
@@ -106,18 +115,31 @@ def honest_job(c, n=200):
 
 def settle(c, timeout=20):
     """Wait until the cluster is back to its one worker "w" with its two slots and no job of ours: whatever a
-    flood registered or submitted has expired (it sends no heartbeats)."""
+    flood registered has expired (it sends no heartbeats), and the jobs it left running are cancelled. Those do not
+    expire in time: a job outlives its vanished client by its lease, 600 s unless its SUBMIT said otherwise (up to
+    30 days), and a detached one runs until it is complete (see test_a_vanished_clients_job_lasts_its_lease)."""
     deadline = time.monotonic() + timeout
     state = None
-    while time.monotonic() < deadline:
-        assert c.broker.poll() is None, "the broker died"
-        try:
-            state = cluster_state(c.address, 2, c.api_key)
-        except TimeoutError:
-            continue
-        if [(w["id"], w["slots"]) for w in state["workers"]] == [("w", 2)] and not state["jobs"]:
-            return state
-        time.sleep(0.2)
+    cancelled = set()
+    sock = dealer(c, c.api_key, security.CLIENT)  # (the floods' jobs are this key's: it may cancel them)
+    try:
+        while time.monotonic() < deadline:
+            assert c.broker.poll() is None, "the broker died"
+            try:
+                state = cluster_state(c.address, 2, c.api_key)
+            except TimeoutError:
+                continue
+            if [(w["id"], w["slots"]) for w in state["workers"]] == [("w", 2)] and not state["jobs"]:
+                if cancelled:
+                    print(f"  cancelled {len(cancelled)} jobs left running")
+                return state
+            for job in state["jobs"]:  # (again on each round: a CANCEL the broker had no job for yet is dropped)
+                P.send(sock, P.CANCEL, {"j": bytes.fromhex(job["id"])})
+                cancelled.add(job["id"])
+            drain(sock, Pools())
+            time.sleep(0.2)
+    finally:
+        sock.close(0)
     raise AssertionError(f"the cluster did not settle back to worker w with 2 slots: {state}")
 
 
@@ -461,14 +483,16 @@ class Flood:
             "the broker died; the last messages:\n" + "\n".join(repr([f[:80] for f in m]) for m in self.recent)
 
     def run(self, role):
-        @SETTINGS
-        @given(messages(role))
+        examples = [0]
+
         def flood(batch):
+            examples[0] += 1
             self.send(batch)
 
         began = time.monotonic()
         while self.sent < TARGET and time.monotonic() < began + 60:
-            flood()
+            n = examples_for(TARGET - self.sent, self.sent, examples[0])
+            settings(SETTINGS, max_examples=n)(given(messages(role))(flood))()
         self.seconds = time.monotonic() - began
         return self.sent
 
@@ -650,11 +674,10 @@ def test_fuzzed_raw_tcp_peers(cluster):
     since = cluster.log_size()
     host, port = cluster.address[len("tcp://"):].rsplit(":", 1)
     fds_before = cluster.broker_process.num_fds()
-    sent = [0, 0]  # chunks (greetings counted) written, connections
+    sent = [0, 0, 0]  # chunks (greetings counted) written, connections, examples
 
-    @SETTINGS
-    @given(st.lists(raw_connection, min_size=3, max_size=6))
     def flood(connections):
+        sent[2] += 1
         for hello, chunks, reset in connections:
             try:
                 conn = socket.create_connection((host, int(port)), timeout=1)
@@ -677,10 +700,59 @@ def test_fuzzed_raw_tcp_peers(cluster):
 
     deadline = time.monotonic() + 60
     while sent[0] < TARGET and time.monotonic() < deadline:
-        flood()
+        n = examples_for(TARGET - sent[0], sent[0], sent[2])
+        settings(SETTINGS, max_examples=n)(given(st.lists(raw_connection, min_size=3, max_size=6))(flood))()
     print(f"raw TCP flood: {sent[0]} chunks over {sent[1]} connections")
     check_after_flood(cluster, sent[0], "raw TCP peer", since)
     deadline = time.monotonic() + 10
     while cluster.broker_process.num_fds() > fds_before + 5 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert cluster.broker_process.num_fds() <= fds_before + 5, "the broker holds on to dropped connections"
+
+
+@pytest.mark.timeout(60, method="thread")
+def test_a_vanished_clients_job_lasts_its_lease(cluster):
+    """What a client flood once left behind, from three messages: a job that said it had 4 inputs (SUBMIT's n,
+    which only SEAL makes its total) and was sent 5, the last at 2**53, without a lease (600 s), whose client went
+    away. Its accounting holds (5 inputs in, 5 outcomes), and it waits out its lease: the floods' settle has to
+    cancel such jobs. The same job with a lease of 1 s is cancelled by the broker once its client is gone."""
+    sock = dealer(cluster, cluster.api_key, security.CLIENT)
+    jobs = {}
+    try:
+        for lease in (None, 1):
+            job = os.urandom(8)
+            header = {"j": job, "c": b"lease-test", "d": FUNCTION_DIGEST, "fn": 1, "n": 4}
+            if lease is not None:
+                header["ls"] = lease
+            P.send(sock, P.SUBMIT, header, [FUNCTION_BYTES])
+            for first, n in ((0, 2), (2, 2), (2 ** 53, 1)):
+                z, frames = serialize.pack_items(list(range(first, first + n)))
+                P.send(sock, P.BATCH, {"j": job, "i": first, "n": n, "z": z}, frames)
+            jobs[lease] = job.hex()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # both run all five inputs, their client still there
+            P.send(sock, P.HEARTBEAT, {"c": b"lease-test"})
+            records = {j["id"]: j for j in cluster_state(cluster.address, 2, cluster.api_key)["jobs"]}
+            if all(records.get(j, {}).get("done") == 5 for j in jobs.values()):
+                break
+            time.sleep(0.1)
+    finally:
+        sock.close(0)  # the client goes, without END, SEAL or another heartbeat
+    for job in jobs.values():
+        assert job in records, records
+        record = records[job]
+        assert (record["state"], record["done"], record["submitted"], record["total"], record["failed"]) == \
+            ("running", 5, 2 ** 53 + 1, 4, 0), record
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        state = cluster_state(cluster.address, 2, cluster.api_key)
+        if jobs[1] not in {j["id"] for j in state["jobs"]}:
+            break
+        time.sleep(0.2)
+    ended = {r["id"]: r for r in state["recent"]}
+    assert jobs[1] in ended and ended[jobs[1]]["state"] == "cancelled" and "lease" in ended[jobs[1]]["reason"], \
+        state
+    left = {j["id"]: j for j in state["jobs"]}
+    assert jobs[None] in left and left[jobs[None]]["attached"] == 0, state  # away, for its 600 s
+    settle(cluster)
+    assert jobs[None] in {r["id"] for r in cluster_state(cluster.address, 2, cluster.api_key)["recent"]}

@@ -276,13 +276,21 @@ def test_big_results_travel_in_bounded_messages(cluster):
 
 # 12. a nested call started a private embedded cluster in each executor (left running), or hung for good once
 # the outer calls held every slot
+def command_line(process):
+    """Its command line, or none if it has exited (or become a zombie) since it was listed."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def test_nested_calls_use_the_callers_cluster_and_never_hang(cluster):
     def outer(x):
         return sum(remote_parallel_map(lambda y: y * 10, range(x), spinner=False))
 
     assert remote_parallel_map(outer, [3], cluster=cluster.address, spinner=False) == [30]
     below = psutil.Process(cluster.procs["w1"].pid).children(recursive=True)
-    assert not [p for p in below if "burla broker" in " ".join(p.cmdline())]  # no private cluster in an executor
+    assert not [p for p in below if "burla broker" in " ".join(command_line(p))]  # no private cluster in an executor
     deadline = time.monotonic() + 10  # both slots idle first: else one outer call may finish before the other starts
     while time.monotonic() < deadline and not all(
             w["busy"] == 0 and w["preparing"] == 0 for w in cluster_state(cluster.address)["workers"]):
