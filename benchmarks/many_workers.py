@@ -105,7 +105,7 @@ def main():
             sys.stdout = out
             t = time.perf_counter()
             try:
-                result = remote_parallel_map(print_one, range(args.inputs), cluster=address, spinner=False)
+                result = remote_parallel_map(print_one, range(args.inputs), cluster=address, spinner=False, packages=[])
             finally:
                 sys.stdout = real
             times.append(time.perf_counter() - t)

@@ -891,8 +891,11 @@ def generate(batches):
         raise errors.shown(e)
 
 
-def request(conn, command, header, timeout=5.0):
-    """One question to the broker on a socket of its own; the answer's header."""
+def request(conn, command, header, timeout=None):
+    """One question to the broker on a socket of its own; the answer's header. timeout: seconds, by default
+    $BURLA_REQUEST_TIMEOUT or 5 (tests of a missing broker need not wait that long)."""
+    if timeout is None:
+        timeout = float(os.environ.get("BURLA_REQUEST_TIMEOUT", "5"))
     sock = conn.new_socket()
     try:
         P.send(sock, command, header)

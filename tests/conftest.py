@@ -31,9 +31,11 @@ class Cluster:
             [sys.executable, "-m", "burla", "broker", "--bind", self.address], env=self.env)
 
     def start_worker(self, name, slots=2, *extra):
+        # No container runtime unless a test asks (--containers podman): probing it costs each worker ~0.3 s of CPU.
+        containers = () if "--containers" in extra else ("--containers", "none")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "burla", "worker", "--broker", self.address, "--slots", str(slots),
-             "--name", name, *extra], env=self.env)
+             "--name", name, *containers, *extra], env=self.env)
 
     def wait_for(self, workers, slots=None, timeout=15):
         deadline = time.monotonic() + timeout

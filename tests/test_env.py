@@ -37,6 +37,9 @@ packages = json.loads(sys.argv[2])
 out = remote_parallel_map(f, range(6), cluster=sys.argv[1], spinner=False, packages=packages)
 print(json.dumps(out))
 """
+
+INSTALLERS = ["pip"] + (["uv"] if E.uv() else [])  # uv comes with the test extras; where it is, both are tested
+FAST = INSTALLERS[-1]  # for the tests not about the installer: uv where there is one (pip takes seconds a build)
 EVERYTHING = {"burlatest_a": "1.0", "burlatest_b": "2.0", "burlatest_local": "0.1"}
 NOTHING = dict.fromkeys(EVERYTHING)
 
@@ -67,10 +70,10 @@ class House:
                         "PIP_INDEX_URL": "", "PIP_EXTRA_INDEX_URL": ""}
         self.script = root / "client.py"
 
-    def run(self, address, packages=None, sleep=0.0, site=None, timeout=90, installer="pip"):
+    def run(self, address, packages=None, sleep=0.0, site=None, timeout=90, installer=None):
         self.script.write_text(CLIENT.replace("SLEEP", repr(sleep)))
         env = dict(os.environ, **self.pip_env, PYTHONPATH=":".join(map(str, site or [self.site])),
-                   BURLA_INSTALLER=installer)
+                   BURLA_INSTALLER=installer or FAST)
         return subprocess.run([sys.executable, str(self.script), address, json.dumps(packages)],
                               capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -81,10 +84,10 @@ def house(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def env_cluster(house, cache, workers=(("w1", 2),), budget=None, installer="pip"):
+def env_cluster(house, cache, workers=(("w1", 2),), budget=None, installer=None):
     """A broker and workers that share one environment cache and install from the wheelhouse."""
     with broker_only() as c:
-        c.env.update(house.pip_env, BURLA_INSTALLER=installer)
+        c.env.update(house.pip_env, BURLA_INSTALLER=installer or FAST)
         extra = ["--env-cache", str(cache)] + (["--env-cache-gb", str(budget)] if budget is not None else [])
         for name, slots in workers:
             c.start_worker(name, slots, *extra)
@@ -101,9 +104,6 @@ def venvs(cache):
     return sorted(p.name for p in cache.iterdir() if re.fullmatch(r"[0-9a-f]{16}", p.name))
 
 
-INSTALLERS = ["pip"] + (["uv"] if E.uv() else [])  # uv comes with the test extras; where it is, both are tested
-
-
 @pytest.mark.parametrize("installer", INSTALLERS)
 def test_client_environment_is_built_once_then_cached(house, tmp_path, installer):
     cache = tmp_path / "cache"
@@ -117,20 +117,21 @@ def test_client_environment_is_built_once_then_cached(house, tmp_path, installer
         assert [p.name for p in cache.iterdir() if p.name.startswith(".build-")] == []
         assert len(venvs(cache)) == 1 and len(list(cache.glob("local-*"))) == 1
 
-        second = house.run(c.address)  # same environment, executors already in it: nothing to prepare
+        # same environment, executors already in it: nothing to prepare
+        second = house.run(c.address, installer=installer)
         assert outputs(second) == results or all(r[0] == EVERYTHING for r in outputs(second))
         assert "environment" not in second.stderr
 
-        own = outputs(house.run(c.address, packages=[]))  # the worker's own environment
+        own = outputs(house.run(c.address, packages=[], installer=installer))  # the worker's own environment
         assert all(found == NOTHING and not prefix.startswith(str(cache)) for found, prefix, _ in own)
 
-        back = house.run(c.address)  # switching back: the worker knows the venv
+        back = house.run(c.address, installer=installer)  # switching back: the worker knows the venv
         assert all(found == EVERYTHING for found, _, _ in outputs(back)) and "installing" not in back.stderr
 
         c.stop("w1")  # a new worker process finds it in the cache folder
         c.start_worker("w2", 2, "--env-cache", str(cache))
         c.wait_for(1, slots=2)
-        fresh = house.run(c.address)
+        fresh = house.run(c.address, installer=installer)
         assert all(found == EVERYTHING for found, _, _ in outputs(fresh))
         assert "ready: found in the cache" in fresh.stderr and "installing" not in fresh.stderr
 

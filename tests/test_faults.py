@@ -52,9 +52,9 @@ def test_killed_worker_host_loses_nothing(new_cluster):
     # the whole worker goes: its process and, with it, its executors
     killer = kill_later(0.5, [c.procs["dies"].pid])
     start = time.monotonic()
-    out = remote_parallel_map(slow_identity, range(60), cluster=c.address, spinner=False)
+    out = remote_parallel_map(slow_identity, range(30), cluster=c.address, spinner=False)
     killer.join()
-    assert sorted(out) == out == list(range(60))
+    assert sorted(out) == out == list(range(30))
     assert time.monotonic() - start < 15
     state = c.wait_for(1)
     assert [w["id"] for w in state["workers"]] == ["stays"]
@@ -78,6 +78,9 @@ def test_broker_gone_past_the_lease_raises_instead_of_hanging_and_workers_rejoin
     c.start_worker("w", 2)
     c.wait_for(1)
     monkeypatch.setenv("BURLA_JOB_LEASE", "2")
+    # the client's waits, read when they are used: silence (4 s) and grace past the lease (12 s) cut to seconds
+    monkeypatch.setattr("burla.client.SILENCE_LIMIT", 2.0)
+    monkeypatch.setattr("burla.client.LEASE_GRACE", 1.0)
     killer = kill_later(0.5, [c.procs["broker"].pid])
     start = time.monotonic()
     with pytest.raises(burla.ClusterConnectionError, match="longer than the job's lease"):
@@ -135,6 +138,6 @@ def test_a_job_the_restarted_broker_does_not_have_is_submitted_again(new_cluster
     restarter = threading.Thread(target=restart)
     restarter.start()
     start = time.monotonic()
-    assert remote_parallel_map(slow_identity, range(100), cluster=c.address, spinner=False) == list(range(100))
+    assert remote_parallel_map(slow_identity, range(50), cluster=c.address, spinner=False) == list(range(50))
     restarter.join()
     assert time.monotonic() - start < 30

@@ -393,8 +393,9 @@ def test_no_cluster_and_no_broker(tmp_path):
 
     nowhere = f"ipc://{tmp_path}/no-broker"
     for args in (["list"], ["show", UNKNOWN]):
-        r = subprocess.run(base + args + ["--cluster", nowhere], env=env, capture_output=True, text=True,
-                           timeout=120)
+        # (a 1 s wait for the answer, not the default 5 s: the message is the same)
+        r = subprocess.run(base + args + ["--cluster", nowhere], env=dict(env, BURLA_REQUEST_TIMEOUT="1"),
+                           capture_output=True, text=True, timeout=120)
         assert r.returncode == 1, r
         assert f"no answer from the burla broker at {nowhere}" in r.stderr and "Traceback" not in r.stderr
 

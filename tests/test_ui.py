@@ -127,8 +127,8 @@ def start_lab(tmp_path, burla_env):
                 server.wait()
 
 
-def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path):
-    with panel_page(lab, "lab/tree/job.ipynb") as (page, panel):
+def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path, chromium):
+    with panel_page(chromium, lab, "lab/tree/job.ipynb") as (page, panel):
         expect(panel.locator(".burla-cluster")).to_contain_text(f"connected to {cluster.address}", timeout=20_000)
         expect(panel.locator(".burla-worker")).to_contain_text("w1")
 
@@ -139,7 +139,8 @@ def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path):
         expect(panel.locator(".burla-log")).to_contain_text("ui line", timeout=20_000)
         expect(panel.locator(".burla-worker")).to_contain_text("2/2")
         expect(running.locator(".burla-counts")).to_contain_text(" / 60 calls", timeout=10_000)
-        time.sleep(1.5)  # some progress to show
+        # some progress to show: a call or more done
+        expect(running.locator(".burla-counts")).to_have_text(re.compile(r"^[1-9][\d,]* / 60 calls"), timeout=20_000)
         page.screenshot(path=str(tmp_path / "panel.png"))  # the notebook's own view beside the panel
         if SCREENSHOT:
             shutil.copy(tmp_path / "panel.png", SCREENSHOT)
@@ -153,7 +154,7 @@ def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path):
             time.sleep(0.05)
 
 
-def test_attach_a_detached_job_in_a_new_cell(own_lab, own_cluster):
+def test_attach_a_detached_job_in_a_new_cell(own_lab, own_cluster, chromium):
     """A detached job that ended, and an attached one: the panel lists both; the detached one's "Attach in a new
     cell" puts a cell below the notebook's active cell that, run, gets the job's results; "Copy id" copies its id."""
     from burla import remote_parallel_map
@@ -175,7 +176,8 @@ def test_attach_a_detached_job_in_a_new_cell(own_lab, own_cluster):
         time.sleep(0.05)
     attached = attached[0]
 
-    with panel_page(own_lab, "lab/tree/job.ipynb", permissions=["clipboard-read", "clipboard-write"]) as (page, panel):
+    with panel_page(chromium, own_lab, "lab/tree/job.ipynb",
+                    permissions=["clipboard-read", "clipboard-write"]) as (page, panel):
         row = panel.locator(f'.burla-job[data-job="{job.id}"]')
         expect(row).to_contain_text("done", timeout=20_000)
         expect(row).to_contain_text("detached")
@@ -209,23 +211,45 @@ def test_attach_a_detached_job_in_a_new_cell(own_lab, own_cluster):
         assert page.evaluate("navigator.clipboard.readText()") == job.id
 
 
-@contextlib.contextmanager
-def panel_page(lab, path="lab", permissions=()):
-    """Headless Chromium on a JupyterLab page with the Burla panel open: (page, panel)."""
+# pytest-jupyter's autouse fixtures, made no-ops here: between calls Playwright marks the module's browser's event
+# loop running, so they would take that loop, close it and run an in-process server's cleanup on it. These tests
+# reach JupyterLab over HTTP only: no in-process server, no loop of their own.
+@pytest.fixture(autouse=True)
+def jp_asyncio_loop():
+    yield None
+
+
+@pytest.fixture(autouse=True)
+def jp_server_cleanup():
+    yield
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Chromium, one for the module (it takes seconds to start); each test has a context of its own."""
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
-            if permissions:
-                context.grant_permissions(list(permissions), origin=lab)
-            page = context.new_page()
-            page.goto(f"{lab}/{path}?token={TOKEN}")
-            page.locator('.jp-LabShell [data-id="burla-panel"]').click(timeout=60_000)  # the sidebar tab
-            yield page, page.locator("#burla-panel")
+            yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def panel_page(chromium, lab, path="lab", permissions=()):
+    """A fresh browser context on a JupyterLab page with the Burla panel open: (page, panel)."""
+    context = chromium.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        if permissions:
+            context.grant_permissions(list(permissions), origin=lab)
+        page = context.new_page()
+        page.goto(f"{lab}/{path}?token={TOKEN}")
+        page.locator('.jp-LabShell [data-id="burla-panel"]').click(timeout=60_000)  # the sidebar tab
+        yield page, page.locator("#burla-panel")
+    finally:
+        context.close()
 
 
 def reopen_panel(page, panel):
@@ -239,8 +263,8 @@ def reopen_panel(page, panel):
         expect(panel).to_be_visible()
 
 
-def test_start_and_stop_the_local_cluster_from_the_panel(lab_without_cluster):
-    with panel_page(lab_without_cluster) as (page, panel):
+def test_start_and_stop_the_local_cluster_from_the_panel(lab_without_cluster, chromium):
+    with panel_page(chromium, lab_without_cluster) as (page, panel):
         expect(panel.locator(".burla-cluster")).to_contain_text("not connected: no cluster", timeout=20_000)
         panel.locator(".burla-start").click()
         expect(panel.locator(".burla-cluster")).to_contain_text("connected to local cluster ipc://",
@@ -251,14 +275,14 @@ def test_start_and_stop_the_local_cluster_from_the_panel(lab_without_cluster):
         expect(panel.locator(".burla-start")).to_be_visible()
 
 
-def test_panel_keeps_up_with_a_big_job(lab, cluster):
+def test_panel_keeps_up_with_a_big_job(lab, cluster, chromium):
     """A job of 100,000 calls that each print a line: the page keeps drawing (no long freeze of its main thread)
     and the panel ends at 100,000 done."""
     import threading
 
     from burla import remote_parallel_map
 
-    with panel_page(lab) as (page, panel):
+    with panel_page(chromium, lab) as (page, panel):
         expect(panel.locator(".burla-worker")).to_contain_text("w1", timeout=20_000)
         # the longest gap between two animation frames: how long the page was frozen at worst
         page.evaluate("""() => { window.burlaGap = 0; let last = performance.now();
@@ -408,7 +432,7 @@ def fake_lab(tmp_path, fake_broker):
     yield from start_lab(tmp_path, {"BURLA_CLUSTER": fake_broker.address})
 
 
-def test_layout_search_failures_charts_and_reload(fake_lab, fake_broker):
+def test_layout_search_failures_charts_and_reload(fake_lab, fake_broker, chromium):
     """20 jobs and 3 wide workers: a worker is one line, the job list scrolls in a bounded height and the logs stay
     in view; jobs go by their function's name; the log search; the failures tab with each input's traceback and
     lines; the charts; and after a reload, the job chosen before, with its log."""
@@ -417,7 +441,7 @@ def test_layout_search_failures_charts_and_reload(fake_lab, fake_broker):
         fake_broker.log(old, f"gpu-worker-1-with-a-long-name/{k % 8}", [[k, 1, f"epoch {k} loss {1 / (k + 1):.3f}"]])
     fake_broker.log(RUNNING, f"{WORKERS[0]['id']}/3", [[17, 1, "reading tile 17"], [17, 2, "warning: odd pixel"],
                                                        [18, 1, "reading tile 18"]])
-    with panel_page(fake_lab) as (page, panel):
+    with panel_page(chromium, fake_lab) as (page, panel):
         expect(panel.locator(".burla-job")).to_have_count(20, timeout=30_000)
         # (a) each worker on one line: no taller than the header row
         rows = panel.locator(".burla-worker")
@@ -484,7 +508,7 @@ CHARTS_CELL = """from burla import remote_parallel_map
 import random, time
 
 def simulate(x):
-    time.sleep(random.uniform(0.05, 0.3))
+    time.sleep(random.uniform(0.01, 0.06))
     print(f"simulating tile {x}")
     if x % 37 == 5:
         raise ValueError(f"bad tile {x}")
@@ -529,11 +553,11 @@ def run_cell(page, index):
     page.keyboard.press("Shift+Enter")
 
 
-def test_charts_and_failures_of_a_notebook_job(charts_lab, tmp_path):
+def test_charts_and_failures_of_a_notebook_job(charts_lab, tmp_path, chromium):
     """A notebook job on 2 workers whose calls sometimes fail: the panel names it by its function and cell, draws
     its throughput, busy slots and timeline, and lists its failures with tracebacks and their inputs' lines."""
     notebook(tmp_path, "charts.ipynb", CHARTS_CELL)
-    with panel_page(charts_lab, "lab/tree/charts.ipynb") as (page, panel):
+    with panel_page(chromium, charts_lab, "lab/tree/charts.ipynb") as (page, panel):
         expect(panel.locator(".burla-worker")).to_have_count(2, timeout=20_000)
         run_cell(page, 0)
         row = panel.locator(".burla-job-running")
@@ -568,13 +592,13 @@ def test_charts_and_failures_of_a_notebook_job(charts_lab, tmp_path):
             page.screenshot(path=os.path.join(SCREENSHOTS, "panel-failures.png"))
 
 
-def test_kernels_keep_the_servers_cluster_across_stop_and_start(lab_without_cluster, tmp_path):
+def test_kernels_keep_the_servers_cluster_across_stop_and_start(lab_without_cluster, tmp_path, chromium):
     """A kernel started while the panel's local cluster runs has its address; after Stop and Start the address is
     the same, so the kernel's next job runs (it used to fail: a new cluster listened on a new path)."""
     notebook(tmp_path, "restart.ipynb",
              "import os\nfrom burla import remote_parallel_map\nprint('cluster', os.environ.get('BURLA_CLUSTER'))\n"
              "print('sum', sum(remote_parallel_map(abs, range(-5, 5), spinner=False)))")
-    with panel_page(lab_without_cluster) as (page, panel):
+    with panel_page(chromium, lab_without_cluster) as (page, panel):
         panel.locator(".burla-start").click()
         line = panel.locator(".burla-cluster")
         expect(line).to_contain_text("connected to local cluster ipc://", timeout=20_000)
