@@ -276,14 +276,17 @@ class Scheduler:
         for job_id in job_ids:
             job = self.jobs.get(job_id)
             if job is not None and (job.detached or job.outbox.spilling):
-                self.spooled.pop(job_id, None)
-                self.reject(job, "spool", f"the job was ended: what the head had to keep for it could not be "
-                                          f"written ({why})")
+                uploader = self.spooled.pop(job_id, None)
+                message = f"the job was ended: what the head had to keep for it could not be written ({why})"
+                if uploader is not None and job.client is None:  # (sealed this turn: its uploader still waits)
+                    self.send(uploader, P.REJECTED, {"j": job.id, "t": "spool", "e": message}, keep=True)
+                self.reject(job, "spool", message)
 
     def committed(self):
         """After the loop's commit: tell uploading clients how many inputs are safely on disk."""
         for job_id, ident in self.spooled.items():
-            job = self.jobs.get(job_id)
+            # (a detached job whose every outcome came before its SEAL ended at the SEAL: it is among the finished)
+            job = self.jobs.get(job_id) or self.finished.get(job_id)
             if job is not None:
                 self.send(ident, P.SPOOLED, {"j": job_id, "n": job.spooled, "sealed": int(job.sealed)}, keep=True)
         self.spooled.clear()
@@ -632,7 +635,8 @@ class Scheduler:
             else:
                 self.unbind(slot)
         self.dirty = True
-        self.spooled.pop(job_id, None)
+        if not job.detached:  # (a detached one's uploader still hears how much is on disk: it waits for that)
+            self.spooled.pop(job_id, None)
         self.remember(job, kind)
         if job.detached:
             try:

@@ -298,3 +298,20 @@ def test_a_flood_of_single_call_cancels_costs_the_broker_little(tmp_path):
     kills = wire.take(WORKER, P.KILL)  # a worker is told once per new cancel, and of a bounded number of calls
     assert len(kills) == 1 and len(kills[0][2]["i"]) == 200
     assert len(s.jobs[JOB].call_cancels) == 60_000 and JOB in s.jobs
+
+
+def test_a_detached_job_done_before_its_seal_still_tells_its_uploader(tmp_path):
+    """Every outcome of a small detached job can come before its SEAL: the job ends at the SEAL, in the same
+    turn, and its uploader must still hear SPOOLED sealed (it waited for it for ever)."""
+    s, wire, store = cluster(tmp_path)
+    submit(s, 1, detached=True)
+    store.commit()
+    s.committed()
+    wire.take(CLIENT, P.SPOOLED)
+    run_one(s, wire)
+    s.handle(CLIENT, None, P.SEAL, {"j": JOB, "n": 1}, [])
+    assert JOB not in s.jobs  # done, at the seal
+    store.commit()
+    s.committed()
+    (_, _, spooled, _), = wire.take(CLIENT, P.SPOOLED)
+    assert (spooled["n"], spooled["sealed"]) == (1, 1)
