@@ -20,7 +20,8 @@ def cloud(tmp_path_factory):
     from fake_vms import Booter
 
     root = tmp_path_factory.mktemp("vms")
-    house = wheels.wheelhouse(str(root / "wheelhouse"), ["burla"] + [
+    # burla's requirements (burla itself travels in the VMs' metadata), as the wheel the VMs get names them
+    house = wheels.wheelhouse(str(root / "wheelhouse"), [
         r.split(";")[0] for r in __import__("importlib.metadata").metadata.requires("burla") if "extra" not in r])
     booter = Booter(root / "vm", env={"UV_CACHE_DIR": str(root / "uv-cache")})
     fake = FakeCompute(host=booter.host_address, booter=booter)

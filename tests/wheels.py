@@ -20,7 +20,9 @@ def repack(dist, folder):
     the scripts an installer writes), so that tests can install this machine's packages with no index."""
     tags = [line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
             if line.startswith("Tag:")]
-    info = next(str(f).split("/")[0] for f in dist.files if str(f).split("/")[0].endswith(".dist-info"))
+    info = next((str(f).split("/")[0] for f in dist.files if str(f).split("/")[0].endswith(".dist-info")), None)
+    if info is None:  # (an egg-info or a source tree on sys.path: not what an installer put there)
+        raise ValueError(f"{dist.metadata['Name']} is not an installed wheel: cannot repack it")
     files = {}
     for f in dist.files:
         path = str(f)
