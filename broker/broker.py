@@ -73,7 +73,7 @@ class Broker:
             if self.sock in events:
                 for _ in range(1000):  # drain, but let heartbeats through under a flood
                     try:
-                        s.handle(*P.recv_routed(self.sock))
+                        s.handle(*P.recv_routed(self.sock, self.keys is not None))
                     except P.VersionMismatch as e:
                         self.send_raw(e.ident, P.version_notice())
                         self.dropped(str(e))

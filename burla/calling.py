@@ -3,6 +3,7 @@ wrappers the client puts around the user's function. The executor leaves their f
 (like its own), so a traceback starts at the user's code."""
 
 import inspect
+import weakref
 
 
 class Star:
@@ -37,8 +38,28 @@ def call_any(value):
     return function(*args, **kwargs) if kwargs else function(*args)
 
 
+_unpacking = weakref.WeakKeyDictionary()  # function -> (code, defaults, answer): inspect.signature is slow
+
+
 def wants_unpacking(function):
     """True when function cannot be called with one argument: it requires two or more positional ones."""
+    code, defaults = getattr(function, "__code__", None), getattr(function, "__defaults__", None)
+    try:
+        known = _unpacking.get(function)
+    except TypeError:  # (not weakly referable, or unhashable)
+        known = None
+    if known is not None and code is not None and known[0] is code and known[1] is defaults:
+        return known[2]
+    answer = _wants_unpacking(function)
+    if code is not None:
+        try:
+            _unpacking[function] = (code, defaults, answer)
+        except TypeError:
+            pass
+    return answer
+
+
+def _wants_unpacking(function):
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):  # (some builtins have no signature: they get each input whole)

@@ -12,10 +12,21 @@ def config_path():
     return pathlib.Path(os.environ.get("BURLA_CONFIG", pathlib.Path.home() / ".burla" / "config.toml"))
 
 
+_loaded = {}  # path -> (its size and modification time, what it holds): every call reads the config
+
+
 def load():
+    path = config_path()
     try:
-        with open(config_path(), "rb") as f:
-            return tomllib.load(f)
+        stat = os.stat(path)
+        stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        cached = _loaded.get(path)
+        if cached is not None and cached[0] == stamp:
+            return dict(cached[1])
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        _loaded[path] = (stamp, data)
+        return dict(data)
     except FileNotFoundError:
         return {}
     except tomllib.TOMLDecodeError as e:
@@ -68,6 +79,7 @@ def save(**values):
     path = config_path()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_private(path, "".join(f"{k} = {_toml_string(v)}\n" for k, v in current.items()))
+    _loaded.pop(path, None)
     return path
 
 

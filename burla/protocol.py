@@ -291,15 +291,18 @@ def recv(sock, flags=0):
     return _parse(sock.recv_multipart(flags, copy=False))
 
 
-def recv_routed(sock):
+def recv_routed(sock, authenticated=True):
     """Read one message from a ROUTER: (identity, role, command, header, payload). role is the User-Id the
     broker's authenticator gave the connection ("worker", "slot:...", "client:..."), or None on an
-    unauthenticated socket. A VersionMismatch carries the sender's identity, to answer with VERSION_NOTICE."""
+    unauthenticated socket (authenticated=False: not even asked, which costs a raised ZMQError a message). A
+    VersionMismatch carries the sender's identity, to answer with VERSION_NOTICE."""
     frames = sock.recv_multipart(copy=False)
-    try:
-        role = frames[-1].get("User-Id")
-    except zmq.ZMQError:
-        role = None
+    role = None
+    if authenticated:
+        try:
+            role = frames[-1].get("User-Id")
+        except zmq.ZMQError:
+            pass
     try:
         return (frames[0].bytes, role or None, *_parse(frames[1:]))
     except VersionMismatch as e:

@@ -266,3 +266,19 @@ def test_a_broker_that_answers_but_never_takes_the_job_is_an_error_not_a_hang(tm
         stop.set()
         thread.join(5)
         router.close(0)
+
+
+def test_unpacking_is_decided_again_when_a_function_changes():
+    """wants_unpacking is remembered per function (inspect.signature is slow), but not past a change."""
+    from burla.calling import wants_unpacking
+
+    def add(a, b):
+        return a + b
+
+    assert wants_unpacking(add) and wants_unpacking(add)
+    add.__defaults__ = (1,)  # now add(a) works: each input whole
+    assert not wants_unpacking(add)
+    add.__code__ = (lambda a, b, c: 0).__code__
+    add.__defaults__ = None
+    assert wants_unpacking(add)
+    assert not wants_unpacking(max) and not wants_unpacking(functools.partial(add, 1, 2))
