@@ -90,13 +90,19 @@ def main():
                                            daemon=True)
             proc.start()
             procs.append(proc)
+        deadline, slots = time.monotonic() + 120, 0
         while True:
             try:
                 state = cluster_state(address, timeout=2)
+                slots = sum(w["slots"] for w in state["workers"])
             except TimeoutError:
-                continue
-            if sum(w["slots"] for w in state["workers"]) == args.workers:
+                pass
+            if slots == args.workers:
                 break
+            if time.monotonic() > deadline:  # (past a few thousand here, heartbeats fall behind: say so, not hang)
+                print(f"only {slots} of {args.workers} simulated workers were registered after 120 s",
+                      file=sys.stderr)
+                sys.exit(1)
             time.sleep(0.05)
         registered = time.perf_counter() - start
         times, lines = [], 0
