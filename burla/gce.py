@@ -432,13 +432,15 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
     config.save(cluster=address, api_key=keys.api_keys[0])
     price = hourly(machine_type, vcpus, memory_gb, gpu)
     head_price = hourly(head_machine_type, *compute.machine_type(head_zone, head_machine_type))
-    total = None if price is None or head_price is None else head_price + workers * price
-    say(f"cost: about {dollars(total)} per hour (list price{', on demand' if not spot else ', spot workers less'}) "
-        f"for the head and {workers} x {machine_type}{' + ' + gpu if gpu else ''}; "
-        f"up to {dollars(None if price is None else head_price + max_workers * price)} at --max-workers "
-        f"{max_workers}" if max_workers > workers else
-        f"cost: about {dollars(total)} per hour (list price{', spot workers less' if spot else ''}) for the head "
-        f"and {workers} x {machine_type}{' + ' + gpu if gpu else ''}")
+
+    def cost(n):
+        return None if price is None or head_price is None else head_price + n * price
+
+    text = (f"cost: about {dollars(cost(workers))} per hour (list price{', spot workers less' if spot else ''}) "
+            f"for the head and {workers} x {machine_type}{' + ' + gpu if gpu else ''}")
+    if max_workers > workers:
+        text += f"; up to {dollars(cost(max_workers))} at --max-workers {max_workers}"
+    say(text)
     if wait_minutes:
         wait_until_joined(compute, name, address, keys.api_keys[0], workers, wait_minutes * 60, say)
     say(f"cluster {name} is up: {address} (saved in {config.config_path()})"
