@@ -25,7 +25,8 @@ GONE = {"STOPPING", "STOPPED", "TERMINATED", "SUSPENDING", "SUSPENDED"}
 
 def per_vm(settings, cpu, gpus):
     """Calls of a job needing cpu (and gpus) that one worker VM runs at once."""
-    vm_gpus = int((settings.get("gpu") or ":0").partition(":")[2] or 1) if settings.get("gpu") else 0
+    kind, _, count = (settings.get("gpu") or "").partition(":")
+    vm_gpus = int(count or 1) if kind else 0
     fit = int(settings["vcpus"] // cpu) if cpu > 0 else settings["vcpus"]
     if gpus:
         fit = min(fit, vm_gpus // gpus)

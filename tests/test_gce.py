@@ -272,7 +272,7 @@ def test_broker_reports_demand_and_tells_growing_jobs(new_cluster, capfd):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     want, cpu, gpus, grow, age = state["demand"][0]
-    assert (want, cpu, gpus, grow) == (6, 1, 0, 1) or want < 6
+    assert (cpu, gpus, grow) == (1, 0, 1) and 1 <= want <= 6  # (some may have run already)
     state = cluster_state(new_cluster.address, capacity={"b": 3, "n": 4, "mx": 9})
     assert state["scaling"]["b"] == 3 and state["scaling"]["mx"] == 9
     seen.append(state)
