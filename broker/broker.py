@@ -81,7 +81,7 @@ class Broker:
                         self.dropped(str(e))
                     except Exception:  # a bug in one handler must not take the cluster down: say it, go on
                         log.exception("a message failed to handle")
-                    if not self.sock.poll(0):
+                    if not P.readable(self.sock):
                         break
             for step, due in ((self.flush_backlogs, self.backlogs), (s.pump_behind, s.behind),
                               (s.check_stopping, s.stopping), (s.dispatch, s.dirty)):

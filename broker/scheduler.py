@@ -175,6 +175,7 @@ class Scheduler:
         self.spooled = {}  # job id -> connection to tell (SPOOLED) once this turn's writes are committed
         self.scaling = None  # the autoscaler's last CAPACITY, with when it came (time.time())
         self.dirty = False
+        self.accepting = []  # (id, connection) of jobs submitted since the last dispatch, to answer ACCEPTED after it
         self.next_sweep = 0.0
         self.handlers = {
             P.SUBMIT: self.on_submit, P.BATCH: self.on_batch, P.SEAL: self.on_seal, P.ACK: self.on_ack,
@@ -404,7 +405,18 @@ class Scheduler:
         job.told = min(h.get("sl", 0), 100_000)
         self.jobs[job.id] = job
         self.order.append(job.id)
-        self.send(ident, P.ACCEPTED, {"j": job.id, "s": self.told(job)}, keep=True)
+        self.told(job)  # (its window holds from now)
+        # ACCEPTED goes after this pass's dispatch: the job's first batches (right behind its SUBMIT) reach the
+        # slots a message sooner.
+        self.accepting.append((job.id, ident))
+        self.dirty = True
+
+    def send_accepted(self):
+        for job_id, ident in self.accepting:
+            job = self.jobs.get(job_id)
+            if job is not None:  # (not one cancelled meanwhile)
+                self.send(ident, P.ACCEPTED, {"j": job.id, "s": self.told(job)}, keep=True)
+        self.accepting.clear()
 
     def no_fit(self, job):
         """The REJECTED for a job no worker can run: because of its environment, or of its needs."""
@@ -987,7 +999,13 @@ class Scheduler:
 
     def dispatch(self):
         """Give queued batches to slots with credit, one batch per slot per pass so that work spreads: first to
-        slots holding nothing, then as a second batch to prefetch."""
+        slots holding nothing, then as a second batch to prefetch. Then answer the new jobs' SUBMITs."""
+        try:
+            self.give_batches()
+        finally:
+            self.send_accepted()
+
+    def give_batches(self):
         self.dirty = False
         if not self.jobs:
             return

@@ -28,6 +28,7 @@ SPLIT_MIN_SECONDS = 0.002  # work smaller than this is not worth a batch of its 
 SILENCE_LIMIT = P.HEARTBEAT_INTERVAL * (P.HEARTBEAT_LIVENESS + 1)  # a broker this quiet is gone
 
 _connections = {}
+_call_seconds = {}  # function digest -> seconds per call in its last job here: the next job's first batch sizes
 _connections_lock = threading.Lock()
 
 
@@ -45,6 +46,7 @@ class Connection:
         self.refused = None  # why the broker refused our credentials (or speaks another version), once it has
         self.heard = time.monotonic()  # the broker's last answer to our heartbeats
         self.answers, self.live = 0, set()  # answers so far; the job ids the latest one says the broker has
+        self.slots = 0  # the slots the latest job here was told fit it (a hint for the next one's first batches)
         self.active = set()  # ids of the jobs streams of this process read
         self.monitors = {}  # job socket -> [its monitor socket, disconnected since the last look]
         self.lock = threading.Lock()
@@ -110,7 +112,7 @@ class Connection:
                 next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL
             events = dict(poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
             if sock in events:
-                while sock.poll(0):
+                while P.readable(sock):
                     try:
                         _, header, _ = P.recv(sock)
                         self.heard = time.monotonic()
@@ -219,7 +221,7 @@ class Stream:
         """Wait up to `wait` ms for messages (0: take what is there; an Executor's thread polls many jobs);
         yield (first index, values) runs of new outcomes."""
         __tracebackhide__ = True
-        if not self.sock.poll(wait):
+        if not P.readable(self.sock, wait):
             if wait:
                 self.idle()
             return
@@ -239,7 +241,7 @@ class Stream:
                     self.q = q
                     self.unacked_bytes += sum(len(f) for f in payload)
                 yield from self.handle(command, header, payload)
-            if not self.sock.poll(0):
+            if not P.readable(self.sock):
                 break
         self.acknowledge()
 
@@ -295,6 +297,7 @@ class Stream:
         elif command in (P.ACCEPTED, P.HEARTBEAT):
             self.slots = header.get("s", self.slots)
             if command == P.ACCEPTED:
+                self.conn.slots = self.slots
                 self.on_accepted()
         elif command == P.ATTACHED:
             self.attaching = None
@@ -417,6 +420,8 @@ class Job(Stream):
         view = view or create_view(spinner and not detached, inputs_total)
         super().__init__(conn, os.urandom(8), view, bool(options.get("c")))
         self.inputs = iter(inputs)
+        self.listed = inputs if type(inputs) is list else None  # (sliced: a C copy, not an item-by-item islice)
+        self.digest = digest
         self.total = inputs_total
         self.sent = 0  # inputs sent so far; also the index of the next one
         self.exhausted = False
@@ -460,14 +465,25 @@ class Job(Stream):
     def batch_size(self):
         if self.detached:  # no call has run yet: an eighth of a slot's share, within the size limits
             n = math.ceil(max(self.total or self.sent, 1) / (8 * max(self.slots, 1)))
-        elif self.per_call is None:
-            return 1  # until a result says how long a call takes, spread calls one per slot
+        elif self.per_call is None and (self.total is None or self.digest not in _call_seconds):
+            # Until a result says how long a call takes, spread calls one per slot; but a job of at most two calls
+            # per slot (as the cluster's last answer counted them) goes as one batch per slot: in a small job the
+            # messages are most of the time.
+            slots = self.slots or self.conn.slots
+            n = 1
+            if self.total is not None and 0 < slots < self.total <= 2 * slots:
+                n = math.ceil((self.total - self.sent) / slots)
         else:
-            per_call = max(self.per_call, 1e-8)
+            # Sized from how long calls take: this job's results so far, or, before any, the function's last job
+            # here. That guess is trusted only as far as one batch per slot, so if this job's calls are slower
+            # (other inputs), the slots still share the work as a static split would.
+            per_call = max(self.per_call if self.per_call is not None else _call_seconds[self.digest], 1e-8)
+            slots = max(self.slots or self.conn.slots, 1)
             n = TARGET_BATCH_SECONDS / per_call
             if self.total is not None:  # leave several batches per slot for the end, so no slot idles long
-                n = min(n, max(math.ceil((self.total - self.sent) / (2 * max(self.slots, 1))),
-                               SPLIT_MIN_SECONDS / per_call))
+                n = min(n, max(math.ceil((self.total - self.sent) / (2 * slots)), SPLIT_MIN_SECONDS / per_call))
+                if self.per_call is None:
+                    n = min(n, math.ceil((self.total - self.sent) / slots))
         if self.item_bytes:
             n = min(n, P.MAX_BATCH_BYTES / self.item_bytes)
         if self.result_bytes:
@@ -481,7 +497,10 @@ class Job(Stream):
         while not self.exhausted and self.away_since is None and self.attaching is None and \
                 len(self.outstanding) < window and \
                 (self.outstanding_bytes < P.MAX_OUTSTANDING_BYTES or not self.outstanding):
-            items = list(itertools.islice(self.inputs, self.batch_size()))
+            if self.listed is not None:
+                items = self.listed[self.sent:self.sent + self.batch_size()]
+            else:
+                items = list(itertools.islice(self.inputs, self.batch_size()))
             if not items:
                 self.exhausted = True
                 self.view.total_known(self.sent)
@@ -573,6 +592,10 @@ class Job(Stream):
                     yield run
                 self.fill()
             self.close(P.END, "done")  # (which acknowledges everything)
+            if self.per_call is not None:
+                if len(_call_seconds) >= 256:
+                    _call_seconds.clear()
+                _call_seconds[self.digest] = self.per_call
         except errors.JobCancelledError:
             raise  # (cancelled elsewhere: the panel, another process of the same user)
         except Exception:
@@ -872,6 +895,9 @@ def remote_parallel_map(function_, inputs, *, func_cpu=1, func_ram=4, func_gpu=N
     results = []
     try:
         for start, values in job.batches():
+            if start == len(results):  # (in order, as most are)
+                results += values
+                continue
             end = start + len(values)
             if len(results) < end:
                 results.extend([None] * (end - len(results)))

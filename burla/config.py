@@ -8,15 +8,19 @@ import re
 import tomllib
 
 
+def _config_file():
+    return os.environ.get("BURLA_CONFIG") or os.path.join(os.path.expanduser("~"), ".burla", "config.toml")
+
+
 def config_path():
-    return pathlib.Path(os.environ.get("BURLA_CONFIG", pathlib.Path.home() / ".burla" / "config.toml"))
+    return pathlib.Path(_config_file())
 
 
 _loaded = {}  # path -> (its size and modification time, what it holds): every call reads the config
 
 
 def load():
-    path = config_path()
+    path = _config_file()  # (a str: pathlib's parsing cost more than the rest of a small job's set-up)
     try:
         stat = os.stat(path)
         stamp = (stat.st_size, stat.st_mtime_ns, stat.st_ino)

@@ -8,6 +8,7 @@ the frame actually shrinks; on loopback or ipc compression costs more time than 
 
 import array
 import collections
+import functools
 import hashlib
 import io
 import os
@@ -19,6 +20,7 @@ import types
 
 import cloudpickle
 
+from burla import calling
 from burla.protocol import FRAME_MAX
 
 COMPRESS_MIN = 64 * 1024  # smaller frames are not worth a compression attempt
@@ -49,6 +51,7 @@ _INSTALLED = _installed_roots()
 
 
 _BY_VALUE = set()  # module names already registered with cloudpickle
+_NAMES = {}  # code object -> the global names it may use
 _OWN = {}  # module file -> whether it is the user's own (realpath costs system calls: ask once per file)
 
 
@@ -63,12 +66,37 @@ def _is_users_own(module):
     return _OWN[path]
 
 
+def _global_names(code):
+    """The global names a code object and the code nested in it may use (cached: a notebook's globals are many,
+    a function's few)."""
+    names = _NAMES.get(code)
+    if names is None:
+        names = set(code.co_names)
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType):
+                names |= _global_names(const)
+        if len(_NAMES) > 1024:
+            _NAMES.clear()
+        _NAMES[code] = names
+    return names
+
+
 def _send_by_value(function):
     """Have cloudpickle carry the user's own modules that the function uses by value: workers on other machines do
     not have them. (Installed packages still go by reference.)"""
     names = {getattr(function, "__module__", None)}
-    for value in getattr(function, "__globals__", {}).values():
-        names.add(value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None))
+    while isinstance(function, (calling.Star, calling.Call, functools.partial)):  # (what they wrap is the code)
+        function = function.func if isinstance(function, functools.partial) else function.function
+        names.add(getattr(function, "__module__", None))
+    code, scope = getattr(function, "__code__", None), getattr(function, "__globals__", None)
+    if code is None or scope is None:  # (a callable object: its class's module is the one to look at)
+        scope, used = {}, ()
+    else:
+        used = _global_names(code)
+    for name in used:
+        value = scope.get(name)
+        if value is not None:
+            names.add(value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None))
     for name in names - _BY_VALUE:
         module = sys.modules.get(name) if isinstance(name, str) and name != "__main__" else None
         if module is not None and _is_users_own(module):

@@ -78,10 +78,11 @@ def test_a_job_of_two_gpus_gets_both_and_kinds_match_by_word():
 def test_a_job_runs_only_on_workers_of_its_python_and_older_workers_match():
     s, wire = scheduler(old=(1, {}), same=(1, {"py": E.python()}), other=(1, {"py": OTHER_PY}))
     job = submit(s, 6, py=E.python())
-    (_, _, accepted, _), = wire.take(CLIENT, P.ACCEPTED)
-    assert accepted["s"] == 2  # the window the client is told counts only the slots that can run it
-    for _ in range(3):
+    for k in range(3):
         got = tasks(s, wire)
+        if k == 0:  # (ACCEPTED follows the first dispatch)
+            (_, _, accepted, _), = wire.take(CLIENT, P.ACCEPTED)
+            assert accepted["s"] == 2  # the window the client is told counts only the slots that can run it
         assert set(got) == {"old/0", "same/0"} and all(h["j"] == job for h in got.values())
         for name, h in got.items():
             s.handle(name.encode(), None, P.RESULT, {"j": job, "i": h["i"], "o": 0, "k": 1, "f": 1, "z": [0]}, [b"r"])
@@ -100,6 +101,7 @@ def test_a_job_no_worker_can_run_for_its_python_is_refused_saying_the_versions()
     # a job that waits for workers is refused once the only one there runs another Python
     s2, wire2 = scheduler()
     job = submit(s2, 1, py="cpython-312")
+    s2.dispatch()
     assert wire2.take(CLIENT, P.ACCEPTED)
     s2.handle(b"w", None, P.REGISTER, {"w": "w", "slots": 1, "py": "cpython-313"}, [])
     (_, _, rejected, _), = wire2.take(CLIENT, P.REJECTED)

@@ -282,3 +282,34 @@ def test_unpacking_is_decided_again_when_a_function_changes():
     add.__defaults__ = None
     assert wants_unpacking(add)
     assert not wants_unpacking(max) and not wants_unpacking(functools.partial(add, 1, 2))
+
+
+def test_the_users_modules_a_function_uses_travel_with_it_even_wrapped(tmp_path, monkeypatch):
+    """Modules of the user's own (beside a script, not installed) go by value: a worker elsewhere has no copy.
+    They are found from the names the function's code uses, through the tuple-unpacking wrapper and partial."""
+    import subprocess
+    import sys
+
+    from burla import calling, serialize
+
+    (tmp_path / "own_helpers_a.py").write_text("def double(x):\n    return 2 * x\n")
+    (tmp_path / "own_helpers_b.py").write_text("K = 3\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import own_helpers_a
+    import own_helpers_b
+
+    scope = {"__name__": "__main__", "double": own_helpers_a.double, "own_helpers_b": own_helpers_b}
+    for k in range(200):  # (a notebook's many globals, which the function does not use)
+        scope[f"unused{k}"] = k
+    exec("def f(x, y, z=0):\n    def inner():\n        return own_helpers_b.K * y\n    return double(x) + inner() + z\n",
+         scope)
+    for wrapped, expected in ((calling.Star(scope["f"]), 8), (functools.partial(scope["f"], z=1), None)):
+        data, _ = serialize.dumps_function(wrapped)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(exist_ok=True)
+        call = "f((1, 2))" if expected else "f(1, 2)"
+        proc = subprocess.run([sys.executable, "-c", f"import cloudpickle, sys; f = cloudpickle.loads("
+                               f"sys.stdin.buffer.read()); print({call})"], input=data, capture_output=True,
+                              cwd=elsewhere, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout.decode().strip() == str(expected or 9)

@@ -66,7 +66,8 @@ def run_one(s, wire):
 def test_results_are_numbered_kept_until_acknowledged_and_wait_for_a_full_client(tmp_path):
     s, wire, _ = cluster(tmp_path)
     submit(s, 3)
-    assert wire.take(CLIENT, P.ACCEPTED)
+    s.dispatch()
+    assert wire.take(CLIENT, P.ACCEPTED)  # (after the dispatch the SUBMIT's batches were in time for)
     task, payload = run_one(s, wire)
     assert payload == [b"function", b"input0"]  # (the function goes with a slot's first task of the job)
     (_, _, result, frames), = wire.take(CLIENT, P.RESULT)

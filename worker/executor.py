@@ -79,11 +79,12 @@ class Executor:
         self.ready()
         while True:
             if not self.tasks:
-                poller = zmq.Poller()
-                for fd in (self.sock, self.refused, self.control_fd, self.worker_pidfd):
-                    if fd is not None:
-                        poller.register(fd, zmq.POLLIN)
-                events = dict(poller.poll(1000))
+                if self.poller is None:  # (again after each dial)
+                    self.poller = zmq.Poller()
+                    for fd in (self.sock, self.refused, self.control_fd, self.worker_pidfd):
+                        if fd is not None:
+                            self.poller.register(fd, zmq.POLLIN)
+                events = dict(self.poller.poll(1000))
                 if self.control_fd in events and not self.read_control():
                     return
                 if self.worker_pidfd in events:
@@ -98,7 +99,7 @@ class Executor:
                 self.tasks.clear()
                 self.ready()
             with self.lock:
-                while self.sock.poll(0):
+                while P.readable(self.sock):
                     self.handle(*P.recv(self.sock))
             if self.tasks:
                 self.run_task(*self.tasks.popleft())
@@ -109,7 +110,7 @@ class Executor:
         for old in (self.sock, self.refused):
             if old is not None:
                 old.close(0)
-        self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.SLOT)
+        self.sock, self.poller = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.SLOT), None
         self.refused = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.token else None
         self.sock.connect(self.broker)
 
@@ -204,7 +205,9 @@ class Executor:
         try:
             function, payload = self.function(header, payload)
             inputs = serialize.unpack_items(header.get("z"), payload)
-            os.environ["BURLA_PARENT"] = f"{job.hex()}:{self.name}"  # (nested jobs name their caller)
+            parent = f"{job.hex()}:{self.name}"  # (nested jobs name their caller)
+            if os.environ.get("BURLA_PARENT") != parent:
+                os.environ["BURLA_PARENT"] = parent
             if serialize.per_item(header.get("z")) and any(type(x) is serialize.Unloadable for x in inputs):
                 function = failing_unloadable(function)  # such an input fails alone, with its own index
         except BaseException as e:

@@ -625,7 +625,7 @@ class Worker:
                     self.on_events()
                 self.kill_overdue()
                 self.reap()
-                while self.sock.poll(0):
+                while P.readable(self.sock):
                     try:
                         command, header, payload = P.recv(self.sock)
                     except P.VersionMismatch as e:
