@@ -2,10 +2,12 @@
 """Burla side by side with local peers (multiprocessing.Pool, ProcessPoolExecutor, loky, Dask, Ray).
 
     python benchmarks/bench.py [--workers N] [--repeats R] [--quick] [--out benchmarks/RESULTS.md]
+    python benchmarks/bench.py --quick --peers burla,pool    # the smoke run CI does (tests/test_benchmarks.py)
 
 Every (peer, case, repeat) runs in a fresh subprocess of this script (--peer NAME --case CASE), which prints one
 JSON line: peers never share a machine state with one another, and cold start is a real cold start. The table
-shows the median over repeats. A peer whose import fails shows "n/a".
+shows the median over repeats. A peer whose import fails shows "n/a". The exit status is 1 when a run of burla's
+failed or timed out (another peer's failure only shows in the table).
 """
 
 import argparse
@@ -335,9 +337,11 @@ def run_child(peer, case, args):
         shutil.rmtree(scratch, ignore_errors=True)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if lines:
-        if problem:
+        result = json.loads(lines[-1])
+        if problem:  # (a teardown that hung or crashed: the figure stands, but burla's counts as failed)
             print(f"    ({LABELS[peer]}, {case}: result kept, but {problem})", file=sys.stderr)
-        return json.loads(lines[-1])
+            result["problem"] = problem
+        return result
     return {"error": problem or "no result printed"}
 
 
@@ -404,7 +408,7 @@ def parent(args):
               "memory": f"client RSS growth over {n['memory']:,} inputs",
               "submit": f"{n['tiny']:,} submit() calls of x*2, until all are done"}
     started = time.time()
-    results = {}
+    results, burla_failed = {}, []
     for case in args.cases:
         for peer in peers:
             if peer not in ONLY.get(case, peers):
@@ -412,12 +416,16 @@ def parent(args):
                 continue
             if not installed(peer):
                 results[case, peer] = {"skip": "not installed"}
+                if peer == "burla":
+                    burla_failed.append(f"{case}: burla is not installed")
                 continue
             runs = []
             for k in range(args.repeats):
                 r = run_child(peer, case, args)
                 print(f"  {case:6} {LABELS[peer]:20} {k + 1}/{args.repeats}: {r}", file=sys.stderr, flush=True)
                 runs.append(r)
+                if peer == "burla" and ("error" in r or "problem" in r or "skip" in r):
+                    burla_failed.append(f"{case}: {r.get('error') or r.get('problem') or r.get('skip')}")
                 if "skip" in r:
                     break
             results[case, peer] = median_result(runs)
@@ -480,6 +488,9 @@ def parent(args):
         with open(args.out, "w") as f:
             f.write(table)
         print(f"written to {args.out}", file=sys.stderr)
+    if burla_failed:  # after the table, so it still shows what did run
+        print("burla's own runs failed: " + "; ".join(burla_failed), file=sys.stderr)
+        sys.exit(1)
 
 
 def main():
@@ -488,12 +499,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smoke run: repeats=1 and smaller sizes")
     ap.add_argument("--out", help="also write the Markdown table to this file")
-    ap.add_argument("--timeout", type=int, default=300, help="seconds allowed to each subprocess")
+    ap.add_argument("--timeout", type=int, help="seconds allowed to each subprocess (300; 30 with --quick)")
     ap.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of " + ",".join(PEERS))
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ",".join(CASES))
     ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run one case of one peer, print JSON
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.timeout is None:  # quick runs take a second or two each: a hang must not eat CI's minute
+        args.timeout = 30 if args.quick else 300
     if args.peer:
         return child(args)
     if args.quick:

@@ -2,9 +2,11 @@
 venv cold (pip and uv), and running in it once it is cached.
 
     python benchmarks/envs.py [--package pandas==2.2.3] [--repeats 5]
+    python benchmarks/envs.py --quick    # offline smoke run (tests/test_benchmarks.py): a tiny wheel, 1 repeat
 
 Starts its own broker and worker (one per installer, each with an empty cache in a temporary folder) and uses the
-package index the machine's pip (or uv) is configured with. Prints a markdown table of medians.
+package index the machine's pip (or uv) is configured with; --quick uses no index at all, only a wheel it writes
+into a temporary folder. Prints a markdown table of medians.
 """
 
 import argparse
@@ -18,6 +20,9 @@ import time
 
 from burla import env as E  # noqa: E402
 from burla import remote_parallel_map  # noqa: E402
+from burla.bootstrap import write_wheel  # noqa: E402
+
+QUICK_PACKAGE = "burla_bench_tiny==1.0"
 
 
 def start(folder, installer):
@@ -28,6 +33,21 @@ def start(folder, installer):
                                "--name", f"bench-{installer}", "--env-cache", f"{folder}/cache",
                                "--containers", "none"], env=env)
     return address, [broker, worker]
+
+
+def offline_index(folder):
+    """Write one tiny pure wheel into folder, and tell pip, pip-compile and uv (the client's and, through the
+    environment they inherit, the worker's) to find packages there and nowhere else. Returns its requirement."""
+    name, _, version = QUICK_PACKAGE.partition("==")
+    write_wheel(os.path.join(folder, f"{name}-{version}-py3-none-any.whl"), name, version,
+                {f"{name}/__init__.py": f"VERSION = {version!r}\n".encode()})
+    # burla passes PIP_FIND_LINKS/PIP_NO_INDEX on as --find-links/--no-index to pip, pip-compile and uv; the
+    # machine's pip configuration and uv's are left out, and UV_OFFLINE forbids uv the network in any case.
+    # uv's cache is a throwaway one too: a cold build stays cold, and the machine's cache is left alone.
+    os.environ.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_FIND_LINKS=folder, PIP_INDEX_URL="",
+                      PIP_EXTRA_INDEX_URL="", UV_OFFLINE="1", UV_NO_CONFIG="1",
+                      UV_CACHE_DIR=os.path.join(folder, "uv-cache"))
+    return QUICK_PACKAGE
 
 
 def job(address, packages, n=2):
@@ -49,7 +69,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--package", default="pandas==2.2.3", help="a package the worker does not have")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke run with no network: --package {QUICK_PACKAGE} from a local wheel, 1 repeat")
     args = parser.parse_args()
+    if not args.quick:
+        return measure(args)
+    with tempfile.TemporaryDirectory(prefix="burla-bench-wheels-") as folder:
+        args.package, args.repeats = offline_index(folder), 1
+        measure(args)
+
+
+def measure(args):
     rows = []
 
     E._current.clear()

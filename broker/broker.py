@@ -72,6 +72,7 @@ class Broker:
                 break  # the process that started us is gone (the pipe's write end closed)
             if self.sock in events:
                 for _ in range(1000):  # drain, but let heartbeats through under a flood
+                    s.messages[0] += 1
                     try:
                         s.handle(*P.recv_routed(self.sock, self.keys is not None))
                     except P.VersionMismatch as e:
@@ -144,6 +145,7 @@ class Broker:
         """One message, now or not at all: "ok", "full" (the peer's queue is), or "gone"."""
         try:
             P.send(self.sock, command, header, payload, ident=ident, flags=zmq.NOBLOCK)
+            self.scheduler.messages[1] += 1
             return "ok"
         except zmq.Again:
             return "full"

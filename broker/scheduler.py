@@ -175,6 +175,7 @@ class Scheduler:
         self.spooled = {}  # job id -> connection to tell (SPOOLED) once this turn's writes are committed
         self.scaling = None  # the autoscaler's last CAPACITY, with when it came (time.time())
         self.dirty = False
+        self.messages = [0, 0]  # messages the broker has received and sent (counted by broker.Broker)
         self.accepting = []  # (id, connection) of jobs submitted since the last dispatch, to answer ACCEPTED after it
         self.next_sweep = 0.0
         self.handlers = {
@@ -735,7 +736,8 @@ class Scheduler:
         recent = [{k: v for k, v in r.items() if k != "owner"} for r in self.recent
                   if role is None or r["owner"] == role] + [j.record(full=True) for j in finished]
         return fit({"workers": workers, "jobs": jobs, "recent": recent, "nworkers": len(self.workers),
-                    "demand": self.demand(), "scaling": self.scaling})
+                    "nslots": len(self.slots), "nbusy": sum(1 for s in self.slots.values() if s.job is not None),
+                    "msgs": self.messages, "demand": self.demand(), "scaling": self.scaling})
 
     def demand(self):
         """Every running job's appetite, whoever owns it (counts only): what an autoscaler sizes the cluster by.
@@ -871,8 +873,8 @@ class Scheduler:
             if job.detached and self.jobs.get(job.id) is job:
                 self.store.drop_input(job.id, batch.start)
             self.dirty = True
-            if slot.job is not None and slot.job.id not in self.jobs and not slot.inflight:
-                self.unbind(slot)  # a cancelled job's last call has stopped
+            if slot.job is not None and not slot.inflight and (slot.job.id not in self.jobs or not slot.job.queue):
+                self.unbind(slot)  # a cancelled job's last call has stopped, or the job has nothing more for now
         if self.jobs.get(job.id) is job:
             offsets = covered(dict(h, n=batch.n))
             job.done += len(offsets)
@@ -1009,8 +1011,10 @@ class Scheduler:
         self.dirty = False
         if not self.jobs:
             return
-        progress, most = True, 0
-        while progress:
+        most = 0
+        # Each pass looks at every slot: it stops as soon as no job has a batch left to give, so that a few
+        # batches among 10,000 idle slots cost a few slots' look, not three passes over all of them.
+        while most <= P.PREFETCH and any(j.queue for j in self.jobs.values()):
             progress = False
             for slot in list(self.slots.values()):
                 if slot.credit <= 0 or len(slot.inflight) > most:
@@ -1028,8 +1032,10 @@ class Scheduler:
                     continue
                 self.send_task(slot, job, job.queue.popleft())
                 progress = True
-            if not progress and most < P.PREFETCH:
-                progress, most = True, most + 1
+                if not job.queue and not any(j.queue for j in self.jobs.values()):
+                    break
+            if not progress:
+                most += 1
         self.prepare_slots()
 
     def prepare_slots(self):

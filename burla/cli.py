@@ -295,8 +295,9 @@ def status(args):
         print(json.dumps(state, indent=2))
         return 0
     workers = state["workers"]
+    slots = state.get("nslots", sum(w["slots"] for w in workers))  # (workers past 1,000 are not listed)
     print(f"cluster {address}: {plural(state.get('nworkers', len(workers)), 'worker')}, "
-          f"{plural(sum(w['slots'] for w in workers), 'slot')}, {plural(len(state['jobs']), 'job')}")
+          f"{plural(slots, 'slot')}, {plural(len(state['jobs']), 'job')}")
     for w in workers:
         gpus = ",".join(w["gpu"]) or "-"
         py = f"  {python_name(w['py'])}" if w.get("py") else ""  # (an older broker or worker does not say)
@@ -367,7 +368,8 @@ def watch_view(address, state, error, heard, interval):
         nworkers = state.get("nworkers", len(workers))
         running = state.get("jobs") or []
         ended = sorted(state.get("recent") or [], key=lambda j: -(j.get("finished") or 0))
-        slots, busy = sum(w.get("slots", 0) for w in workers), sum(w.get("busy", 0) for w in workers)
+        slots = state.get("nslots", sum(w.get("slots", 0) for w in workers))  # (workers past 1,000 are not listed)
+        busy = state.get("nbusy", sum(w.get("busy", 0) for w in workers))
         parts.insert(0, Text(f"burla cluster {address}: {plural(nworkers, 'worker')}, {plural(slots, 'slot')} "
                              f"({busy:,} busy), {plural(len(running), 'job')} running", style="bold"))
 

@@ -3,8 +3,9 @@
 The function is pickled once per job and sent with the submission. Inputs are pulled from the user's iterable
 lazily, in batches of consecutive indices, while the number of batches (and bytes) not yet answered stays under a
 window: that window is the client's credit, so memory stays flat whatever the number of inputs. Batch size adapts:
-one input per batch until the first results report how long a call takes, then as many as fill about
-TARGET_BATCH_SECONDS of work, and never so many that the last batches leave slots idle.
+one input per batch until the first results report how long a call takes (a few such probes; the function's last
+job here gives a first guess), then as many as fill about TARGET_BATCH_SECONDS of work, and never so many that the
+last batches leave slots idle, nor so few that the broker, not the slots, sets the pace.
 """
 
 import itertools
@@ -24,7 +25,15 @@ from burla import calling, config, env, errors, protocol as P, security, seriali
 from burla.progress import create as create_view
 
 TARGET_BATCH_SECONDS = 0.1
+# One broker hands out about 7,000 batches a second (benchmarks/many_workers.py, docs/scaling.md). On a cluster so
+# big that batches of TARGET_BATCH_SECONDS would need more, they are made longer: the broker never paces the slots.
+BROKER_BATCHES_PER_SECOND = 5000
 SPLIT_MIN_SECONDS = 0.002  # work smaller than this is not worth a batch of its own (a round trip costs ~0.3 ms)
+# Before anything says how long a call takes, a job sends at most PROBE_BATCHES batches (of one input, or sized by
+# the function's last job), for up to PROBE_SECONDS: tiny calls answer by then and size the batches (no flood of
+# small tasks over a big cluster); slow ones do not, and then every slot gets one at once (at once if the
+# function's last job here found its calls slow).
+PROBE_BATCHES, PROBE_SECONDS = 8, 0.02
 SILENCE_LIMIT = P.HEARTBEAT_INTERVAL * (P.HEARTBEAT_LIVENESS + 1)  # a broker this quiet is gone
 
 _connections = {}
@@ -196,6 +205,7 @@ class Stream:
         self.away_since = None  # when the broker stopped answering, while it does not
         self.attaching = None  # when the ATTACH that is not answered yet was sent
         self.per_call = self.result_bytes = None
+        self.call_samples = []
         self.logs = None  # a list to keep the log lines in, for Job.logs()
         self.received = 0  # outcomes taken
 
@@ -350,7 +360,11 @@ class Stream:
             pending = self.outstanding[start] = Pending(header.get("n") or 1, 0)
         if header.get("t") and header.get("k"):
             call = header["t"] / header["k"]
-            self.per_call = call if self.per_call is None else 0.5 * (self.per_call + call)
+            if len(self.call_samples) < 5:  # the median of the first few: one slow first call (an import, a
+                self.call_samples.append(call)  # busy host) must not size thousands of batches
+                self.per_call = sorted(self.call_samples)[len(self.call_samples) // 2]
+            else:
+                self.per_call = 0.5 * (self.per_call + call)
         flags = header.get("z") or []
         offset = header.get("o", 0)
         failures = header.get("e") or []
@@ -479,9 +493,13 @@ class Job(Stream):
             # (other inputs), the slots still share the work as a static split would.
             per_call = max(self.per_call if self.per_call is not None else _call_seconds[self.digest], 1e-8)
             slots = max(self.slots or self.conn.slots, 1)
-            n = TARGET_BATCH_SECONDS / per_call
+            n = max(TARGET_BATCH_SECONDS, slots / BROKER_BATCHES_PER_SECOND) / per_call
             if self.total is not None:  # leave several batches per slot for the end, so no slot idles long
-                n = min(n, max(math.ceil((self.total - self.sent) / (2 * slots)), SPLIT_MIN_SECONDS / per_call))
+                # ... but no batch so small that the broker's handing out takes longer than the work: B batches of
+                # the job's W seconds of work take B / rate s to hand out and W / B to run; B = sqrt(W * rate).
+                left = self.total - self.sent
+                split = max(SPLIT_MIN_SECONDS, math.sqrt(left * per_call / BROKER_BATCHES_PER_SECOND))
+                n = min(n, max(math.ceil(left / (2 * slots)), split / per_call))
                 if self.per_call is None:
                     n = min(n, math.ceil((self.total - self.sent) / slots))
         if self.item_bytes:
@@ -494,6 +512,8 @@ class Job(Stream):
         if self.accepted is None and self.detached:
             return  # (a detached job's inputs go to disk: they wait until the broker took the job)
         window = P.window(self.slots)  # the broker holds us to it
+        if self.probing():
+            window = min(window, PROBE_BATCHES)
         while not self.exhausted and self.away_since is None and self.attaching is None and \
                 len(self.outstanding) < window and \
                 (self.outstanding_bytes < P.MAX_OUTSTANDING_BYTES or not self.outstanding):
@@ -509,6 +529,16 @@ class Job(Stream):
         if self.exhausted and (self.total != self.sent or self.detached) and not self.seal_sent:
             self.seal_sent = True
             self.send(P.SEAL, {"j": self.id, "n": self.sent})
+
+    def probing(self):
+        return self.per_call is None and _call_seconds.get(self.digest, 0.0) < PROBE_SECONDS and \
+            time.monotonic() - self.submitted_at < PROBE_SECONDS
+
+    def wait_ms(self):
+        """How long to wait for messages: until the probing ends, if it has not."""
+        if not self.probing():
+            return 250
+        return max(1, math.ceil((self.submitted_at + PROBE_SECONDS - time.monotonic()) * 1000))
 
     def send_batch(self, items, packed=None):
         try:
@@ -588,7 +618,7 @@ class Job(Stream):
             self.fill()
             while self.outstanding or not self.exhausted:
                 self.check_accepted()
-                for run in self.receive():
+                for run in self.receive(self.wait_ms()):
                     yield run
                 self.fill()
             self.close(P.END, "done")  # (which acknowledges everything)

@@ -49,7 +49,8 @@ END = b"E"  # client -> broker {j}: the client has every outcome; the broker for
 #             {j, q, st: "done" | "failed" | "cancelled", e?: why}
 CANCEL = b"C"  # {j, i?: [input indices]}: the job, or only the calls on these inputs (a job with option k: a
 #               queued one is skipped, a running one interrupted; each still has an outcome, which its client drops)
-STATUS = b"?"  # {} -> STATUS {workers: [...], jobs: [...], recent: [...]}
+STATUS = b"?"  # {} -> STATUS {workers: [the busiest 1,000], jobs: [...], recent: [...], nworkers, nslots, nbusy,
+#               msgs: [messages the broker received, sent] since it started}
 WATCH = b"O"  # {}: push STATE every WATCH_INTERVAL, and a copy of the LOG lines of the watcher's jobs, for the
 #               next WATCH_EXPIRY seconds (a dashboard renews it every second)
 STATE = b"U"  # broker -> watcher: what STATUS answers (with demand: every job's unmet work, for an autoscaler)

@@ -271,3 +271,37 @@ def test_job_waiting_for_workers_is_rejected_when_the_first_worker_cannot_fit_it
     new_cluster.start_worker("small", 1)
     client.join(10)
     assert not client.is_alive() and isinstance(failure[0], burla.NoCompatibleWorkerError)
+
+
+def stamp(x):
+    started = time.time()
+    time.sleep(0.6)
+    return started, time.time()
+
+
+def test_tiny_calls_are_not_flooded_over_many_slots_and_slow_ones_spread_at_once(new_cluster, monkeypatch):
+    """Before a result says how long calls take, a job sends a few probe batches; tiny calls answer within the
+    probing and size the rest (no flood of one-input tasks, as many as two per slot); slow ones then get every
+    slot at once. STATUS counts the broker's messages."""
+    from burla import client
+    from burla.client import cluster_state
+
+    new_cluster.start_worker("wide", 24, "--cpu", "24")  # (each call asks for a cpu)
+    new_cluster.wait_for(1, slots=24)
+    address = new_cluster.address
+    state = cluster_state(address)
+    assert (state["nslots"], state["nworkers"]) == (24, 1)
+    remote_parallel_map(abs, [1], cluster=address, spinner=False, func_ram=0.1)  # (the slots up and warm)
+    client._call_seconds.clear()
+    monkeypatch.setattr(client, "PROBE_SECONDS", 30.0)  # (however loaded this machine is, the probes answer)
+    before = cluster_state(address)["msgs"][0]
+    assert remote_parallel_map(abs, range(-20_000, 0), cluster=address, spinner=False, func_ram=0.1)[:2] == \
+        [20_000, 19_999]
+    received = cluster_state(address)["msgs"][0] - before
+    # A BATCH and a RESULT per batch, and a few more: 8 probes, then at most 2 batches a slot (48). One-input
+    # batches for every slot and its prefetch first (50), then the same 48, would be 196 or more.
+    assert received < 150, received
+    monkeypatch.setattr(client, "PROBE_SECONDS", 0.05)
+    spans = remote_parallel_map(stamp, range(24), cluster=address, spinner=False, func_ram=0.1)
+    first_end = min(end for _, end in spans)
+    assert sum(start < first_end for start, _ in spans) > 16  # more than the probes ran at once
