@@ -462,7 +462,14 @@ class Job(Stream):
         self.view.job_id(self.id.hex())
         header["nm"] = name or job_name(function_)
         self.view.name(header["nm"])
-        self.send(P.SUBMIT, header, payload)
+        self.unsent = not detached  # an attached job's SUBMIT waits for its first batch, packed: they go together
+        if detached:  # (a detached one's inputs wait for ACCEPTED)
+            self.send(P.SUBMIT, header, payload)
+
+    def submit(self):
+        if self.unsent:
+            self.unsent = False
+            self.send(P.SUBMIT, *self.submission)
 
     def check_accepted(self):
         """A broker that answers heartbeats but never took the job (its SUBMIT lost, say) must not leave the
@@ -504,6 +511,8 @@ class Job(Stream):
                     n = min(n, math.ceil((self.total - self.sent) / slots))
         if self.item_bytes:
             n = min(n, P.MAX_BATCH_BYTES / self.item_bytes)
+        else:  # the first batch: its inputs' size is not known yet, and they may be large
+            n = min(n, 8)
         if self.result_bytes:
             n = min(n, P.MAX_BATCH_BYTES / self.result_bytes)
         return int(min(max(n, 1), P.MAX_BATCH_ITEMS))
@@ -526,6 +535,7 @@ class Job(Stream):
                 self.view.total_known(self.sent)
                 break
             self.send_batch(items)
+        self.submit()  # (if no batch did: a job of no inputs)
         if self.exhausted and (self.total != self.sent or self.detached) and not self.seal_sent:
             self.seal_sent = True
             self.send(P.SEAL, {"j": self.id, "n": self.sent})
@@ -552,6 +562,7 @@ class Job(Stream):
                         from e
             raise
         header = {"j": self.id, "i": self.sent, "n": len(items), "z": flags}
+        self.submit()
         self.send(P.BATCH, header, frames)
         size = sum(len(f) for f in frames)
         pending = self.outstanding[self.sent] = Pending(len(items), size)

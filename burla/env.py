@@ -17,6 +17,7 @@ import os
 import pathlib
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -118,11 +119,25 @@ def parse_key(key):
 def search_path():
     """Where this interpreter's distributions are: sys.path without the current and the script's folder (a
     project's own *.egg-info there is not an installed package)."""
+    return [p for p, _ in _search_stamp()]
+
+
+def _search_stamp():
+    """((folder, its modification time), ...) for the search path: one stat a folder (this runs every job)."""
     skip = {"", os.getcwd()}
     main = getattr(sys.modules.get("__main__"), "__file__", None)
     if main:
         skip.add(os.path.dirname(os.path.abspath(main)))
-    return [p for p in sys.path if p not in skip and os.path.isdir(p)]
+    out = []
+    for p in sys.path:
+        if p not in skip:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                out.append((p, st.st_mtime_ns))
+    return tuple(out)
 
 
 def installed(path=None):
@@ -170,8 +185,8 @@ _current = {}
 
 def current():
     """The Environment of this interpreter (cached until a folder on the search path changes)."""
-    path = search_path()
-    stamp = tuple((p, os.stat(p).st_mtime_ns) for p in path)
+    stamp = _search_stamp()
+    path = [p for p, _ in stamp]
     cached = _current.get("env")
     if cached is not None and cached[0] == stamp:
         env = cached[1]
