@@ -511,8 +511,8 @@ class Job(Stream):
                     n = min(n, math.ceil((self.total - self.sent) / slots))
         if self.item_bytes:
             n = min(n, P.MAX_BATCH_BYTES / self.item_bytes)
-        else:  # the first batch: its inputs' size is not known yet, and they may be large
-            n = min(n, 8)
+        else:  # the first batch: its inputs' size is not known yet, and they may be large (as much as 2 x one)
+            n = min(n, 2)
         if self.result_bytes:
             n = min(n, P.MAX_BATCH_BYTES / self.result_bytes)
         return int(min(max(n, 1), P.MAX_BATCH_ITEMS))

@@ -305,3 +305,20 @@ def test_tiny_calls_are_not_flooded_over_many_slots_and_slow_ones_spread_at_once
     spans = remote_parallel_map(stamp, range(24), cluster=address, spinner=False, func_ram=0.1)
     first_end = min(end for _, end in spans)
     assert sum(start < first_end for start, _ in spans) > 16  # more than the probes ran at once
+
+
+def test_a_first_batch_sized_from_the_last_job_holds_at_most_two_inputs_of_unknown_size(rpm, cluster):
+    """The function's last job here had tiny inputs, so its calls look fast; this job's inputs are 1 MiB each. Until
+    one batch says how big they are, a batch holds at most two (never hundreds of MiB in one message)."""
+    from burla import client
+
+    rpm(len, [b"x"] * 50)  # (a per-call time for len)
+    conn = client.connection(cluster.address)
+    job = client.Job(conn, len, [bytes([k]) * (1 << 20) for k in range(40)], 1, 4, None, None, False, {})
+    try:
+        job.fill()
+        sizes = [p.n for p in job.outstanding.values()]
+        assert sizes[0] <= 2 and sum(sizes) <= 2 + 4 * 4, sizes  # then 4 MiB batches (P.MAX_BATCH_BYTES)
+        assert all(p.size <= (4 << 20) + 4096 for p in job.outstanding.values())
+    finally:
+        job.abandon()
