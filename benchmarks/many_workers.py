@@ -33,7 +33,7 @@ import psutil
 import zmq
 
 
-def simulate(address, workers, per_worker, ready):
+def simulate(address, workers, per_worker):
     """One process: for each worker name a worker socket and per_worker executor slots, one poll loop for all."""
     from burla import protocol as P
     from burla.worker.executor import Capture, Executor
@@ -62,7 +62,6 @@ def simulate(address, workers, per_worker, ready):
     epoll = select.epoll()
     for fd in socks:
         epoll.register(fd, select.EPOLLIN)
-    ready.set()
     stdout = sys.stdout
     next_beat = next_sweep = time.monotonic()
 
@@ -174,9 +173,8 @@ def run_size(total, args):
         processes = min(args.processes, len(workers))
         start = time.perf_counter()
         for p in range(processes):
-            ready = multiprocessing.Event()
             proc = multiprocessing.Process(target=simulate, args=(address, workers[p::processes],
-                                                                  args.slots_per_worker, ready), daemon=True)
+                                                                  args.slots_per_worker), daemon=True)
             proc.start()
             sims.append(proc)
         deadline, slots = time.monotonic() + args.register_limit, 0

@@ -727,6 +727,7 @@ class Scheduler:
             "preparing": sum(1 for s in w.slots if self.slots[s].preparing), "containers": w.runtime,
             "py": w.py, "idle": round(now - w.idle_since, 1) if w.idle_since is not None else 0.0,
         } for w in self.workers.values()]
+        busy = sum(w["busy"] for w in workers)  # (before the list is cut)
         if len(workers) > STATE_WORKERS:  # (a message stays under a frame)
             workers.sort(key=lambda w: -w["busy"])
             del workers[STATE_WORKERS:]
@@ -736,7 +737,7 @@ class Scheduler:
         recent = [{k: v for k, v in r.items() if k != "owner"} for r in self.recent
                   if role is None or r["owner"] == role] + [j.record(full=True) for j in finished]
         return fit({"workers": workers, "jobs": jobs, "recent": recent, "nworkers": len(self.workers),
-                    "nslots": len(self.slots), "nbusy": sum(1 for s in self.slots.values() if s.job is not None),
+                    "nslots": len(self.slots), "nbusy": busy,
                     "msgs": self.messages, "demand": self.demand(), "scaling": self.scaling})
 
     def demand(self):

@@ -508,7 +508,7 @@ class Job(Stream):
                 split = max(SPLIT_MIN_SECONDS, math.sqrt(left * per_call / BROKER_BATCHES_PER_SECOND))
                 n = min(n, max(math.ceil(left / (2 * slots)), split / per_call))
                 if self.per_call is None:
-                    n = min(n, math.ceil((self.total - self.sent) / slots))
+                    n = min(n, math.ceil(left / slots))
         if self.item_bytes:
             n = min(n, P.MAX_BATCH_BYTES / self.item_bytes)
         else:  # the first batch: its inputs' size is not known yet, and they may be large (as much as 2 x one)

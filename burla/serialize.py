@@ -288,8 +288,7 @@ class _Pieces:
 
 def unpack(flags, frames):
     if len(frames) == 1 and (not flags or flags == [0]):  # (most batches and results: one plain pickle)
-        frame = frames[0]
-        return pickle.loads(frame.buffer if hasattr(frame, "buffer") else frame)
+        return pickle.loads(join(frames))
     buffers = [data for _, data in _buffers(flags or [0] * len(frames), frames, stream_pieces=True)]
     if isinstance(buffers[0], list):
         return pickle.load(_Pieces(buffers[0]), buffers=buffers[1:])

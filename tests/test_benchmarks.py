@@ -66,23 +66,26 @@ def run_benchmark(tmp_path, *args):
     return proc.returncode, out
 
 
+def assert_table(rc, out, header, rows):
+    """The script succeeded and printed its table: the header and a row starting with each of rows."""
+    assert rc == 0, out
+    assert header in out
+    for row in rows:
+        assert row in out
+
+
 def test_bench_quick(tmp_path):
     # burla against the stdlib pools only: they are on every machine, so CI's figures mean the same everywhere.
-    rc, out = run_benchmark(tmp_path, "benchmarks/bench.py", "--quick", "--peers", "burla,pool,ppe")
-    assert rc == 0, out
-    assert "| case | goal | burla | mp.Pool | ProcessPoolExecutor |" in out
-    for row in ("| warm latency", "| cold start", "| 10,000 tiny calls", "| 200 calls sleeping", "| 100 calls with",
-                "| client RSS growth", "| 10,000 submit() calls"):
-        assert row in out
+    assert_table(*run_benchmark(tmp_path, "benchmarks/bench.py", "--quick", "--peers", "burla,pool,ppe"),
+                 "| case | goal | burla | mp.Pool | ProcessPoolExecutor |",
+                 ("| warm latency", "| cold start", "| 10,000 tiny calls", "| 200 calls sleeping", "| 100 calls with",
+                  "| client RSS growth", "| 10,000 submit() calls"))
 
 
 def test_envs_quick(tmp_path):
-    rc, out = run_benchmark(tmp_path, "benchmarks/envs.py", "--quick")
-    assert rc == 0, out
-    assert "| what | median |" in out
-    for row in ("| pin the client's own environment", "| resolve packages=['burla_bench_tiny==1.0'] with pip-compile",
-                "| pip: cold build of", "| pip: job switching 2 slots into the cached venv"):
-        assert row in out
+    assert_table(*run_benchmark(tmp_path, "benchmarks/envs.py", "--quick"), "| what | median |",
+                 ("| pin the client's own environment", "| resolve packages=['burla_bench_tiny==1.0'] with pip-compile",
+                  "| pip: cold build of", "| pip: job switching 2 slots into the cached venv"))
 
 
 def test_many_workers_quick(tmp_path):
