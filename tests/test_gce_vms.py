@@ -85,6 +85,8 @@ def test_up_boots_vms_that_run_a_job_and_survive_a_preemption(cloud, tmp_path):
     assert {os.path.basename(os.path.dirname(r)).rsplit("-", 1)[0] for r in roots} == {"b1-worker-0", "b1-worker-1"}
 
     # a VM deleted mid-job (what a preemption is): its calls run again elsewhere; every result comes once
+    state = lambda: burla.client.cluster_state(address)  # noqa: E731
+    first = {w["id"]: w["pid"] for w in state()["workers"]}
     out = {}
     job = threading.Thread(target=lambda: out.update(r=burla.remote_parallel_map(
         lambda x: (__import__("time").sleep(0.25), x)[1], range(40), packages=[], spinner=False)))
@@ -94,14 +96,17 @@ def test_up_boots_vms_that_run_a_job_and_survive_a_preemption(cloud, tmp_path):
     compute.delete(gone["zone"].rsplit("/", 1)[1], "b1-worker-0")
     job.join(60)
     assert out["r"] == list(range(40))
-    # the minimum is 2: the autoscaler boots another, which joins
-    state = lambda: burla.client.cluster_state(address)  # noqa: E731
-    wait_for(lambda: sum(1 for w in state()["workers"]) == 2 and any(
-        v["name"] == "b1-worker-0" for v in fake.vms()), 60, "a replacement VM", booter, "b1-head")
+    # the minimum is 2: the autoscaler boots another, which joins with all its slots (the old one's
+    # registration can linger until its heartbeats are missed, and a new worker's slots dial one by one)
+    def replaced():
+        workers = {w["id"]: w for w in state()["workers"]}
+        return sorted(workers) == ["b1-worker-0", "b1-worker-1"] and \
+            workers["b1-worker-0"]["pid"] != first["b1-worker-0"] and all(w["slots"] == 2 for w in workers.values())
+    wait_for(replaced, 60, "a replacement VM", booter, "b1-head")
     rows = gce.status("proj", "b1", compute=compute, state=state())
     assert [(r["name"], r["joined"]) for r in rows] == [("b1-head", False), ("b1-worker-0", True),
                                                         ("b1-worker-1", True)]
-    assert all(r["slots"] == 2 for r in rows[1:]) and all(r["cost"] is not None for r in rows)
+    assert [r["slots"] for r in rows[1:]] == [2, 2] and all(r["cost"] is not None for r in rows), rows
     assert gce.down("proj", "b1", compute=compute) == 3
 
 
@@ -119,7 +124,8 @@ def test_grow_boots_vms_for_a_job_and_idle_ones_go(cloud, tmp_path, capfd, monke
     assert [v["name"] for v in fake.vms() if v["name"].startswith("b2-")] == ["b2-head"]
     bucket = gce.bucket_name("proj", "b2")
     assert any(f"it goes in gs://{bucket}" in s for s in said) and list(fake.buckets) == [bucket]
-    head_metadata = {i["key"]: i["value"] for i in fake.vms()[0]["metadata"]["items"]}
+    head = next(v for v in fake.vms() if v["name"] == "b2-head")
+    head_metadata = {i["key"]: i["value"] for i in head["metadata"]["items"]}
     assert "burla-wheel-0" not in head_metadata and head_metadata["burla-wheel-url"].startswith(f"gs://{bucket}/")
     start = time.monotonic()
     roots = burla.remote_parallel_map(
