@@ -46,6 +46,7 @@ class Manager:
         self.address, self.api_key, self.embedded = None, None, False
         self.state, self.heard = None, 0.0
         self.logs = collections.OrderedDict()  # job id (hex) -> deque of [worker, stream, text]
+        self.totals = {}  # job id (hex) -> lines of the job received so far (a page that has fewer missed some)
         self.histories = collections.OrderedDict()  # job id (hex) -> History
         self.home = None  # the private folder of this server's embedded cluster (its ipc:// path stays the same)
         self.pending = []  # (job, lines) not yet sent to the pages
@@ -58,12 +59,15 @@ class Manager:
 
     # ------------------------------------------------------------------ what handlers call
     def snapshot(self):
+        """The state pages get; "lines" counts each job's lines, every one of them pushed before this state (see
+        receive), so a page that has fewer lost some on the way (a reconnect): it fetches the tail again."""
         with self.lock:
-            return {"type": "state", "cluster": self.cluster(), "state": self.state}
+            return {"type": "state", "cluster": self.cluster(), "state": self.state, "lines": dict(self.totals)}
 
     def job_logs(self, job_id):
+        """The kept tail of a job's lines, and how many lines it had in all."""
         with self.lock:
-            return list(self.logs.get(job_id, ()))
+            return {"lines": list(self.logs.get(job_id, ())), "total": self.totals.get(job_id, 0)}
 
     def job_history(self, job_id):
         """What the panel draws of a job: {series, bars, failures, ...}; empty where it was never seen."""
@@ -197,8 +201,10 @@ class Manager:
                 live = {j["id"] for j in header.get("jobs", ())} | {j["id"] for j in header.get("recent", ())}
                 for old in [j for j in self.logs if j not in live]:
                     del self.logs[old]
+                    self.totals.pop(old, None)
                 for old in [j for j in self.histories if j not in live]:
                     del self.histories[old]
+            self.flush()  # (the lines this state counts go first)
             self.emit(self.snapshot())
         elif command == P.LOG:
             job = header.get("j", b"").hex()
@@ -207,6 +213,7 @@ class Manager:
             lines = [[worker, stream, text] for _, stream, text in raw]
             with self.lock:
                 self.logs.setdefault(job, collections.deque(maxlen=LOG_TAIL)).extend(lines)
+                self.totals[job] = self.totals.get(job, 0) + len(lines)
                 self.pending.append((job, lines))
                 self.history(job).add_lines(worker, raw)  # (lines can come before the STATE that lists the job)
 
@@ -238,9 +245,11 @@ class Manager:
 
     def flush(self):
         """Send the log lines gathered since the last flush: the newest MAX_PUSH_LINES of each job (the page shows
-        a tail; the rest are counted, and the server keeps the last LOG_TAIL for a job opened later)."""
+        a tail; the rest are counted, and the server keeps the last LOG_TAIL for a job opened later). Each batch
+        says the job's total after it, so a page can tell a batch it already has (from a fetched tail) or a gap."""
         with self.lock:
             pending, self.pending = self.pending, []
+            totals = {job: self.totals.get(job, 0) for job, _ in pending}
         if not pending:
             return
         batches = collections.defaultdict(list)
@@ -248,7 +257,8 @@ class Manager:
             batches[job].extend(lines)
         for job, lines in batches.items():
             skipped = max(0, len(lines) - MAX_PUSH_LINES)
-            self.emit({"type": "logs", "job": job, "lines": lines[skipped:], "skipped": skipped})
+            self.emit({"type": "logs", "job": job, "lines": lines[skipped:], "skipped": skipped,
+                       "total": totals[job]})
 
     def emit(self, message):
         text = json.dumps(message)

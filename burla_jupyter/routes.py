@@ -1,7 +1,7 @@
 """HTTP and WebSocket endpoints of the panel, under {base_url}/burla/. Every one requires Jupyter's authentication.
 
     GET  state                  the cluster (address, connected, embedded) and the broker's state
-    GET  jobs/ID/logs           the log lines kept for a job: [[worker, stream, text], ...]
+    GET  jobs/ID/logs           the log lines kept for a job, {lines: [[worker, stream, text], ...], total}
     GET  jobs/ID/history        what the panel draws of a job: its time series, timeline bars and failures
     POST cluster                {"action": "start" | "stop"}: the embedded cluster of this server
     POST jobs/ID/cancel         cancel a job
@@ -34,7 +34,7 @@ class StateHandler(Base):
 class LogsHandler(Base):
     @tornado.web.authenticated
     def get(self, job_id):
-        self.finish(json.dumps({"job": job_id, "lines": self.manager.job_logs(job_id)}))
+        self.finish(json.dumps({"job": job_id, **self.manager.job_logs(job_id)}))
 
 
 class HistoryHandler(Base):

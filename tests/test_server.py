@@ -64,14 +64,19 @@ async def test_state_and_log_stream(jp_fetch, jp_ws_fetch, panel_cluster):
         if message["type"] == "logs":
             lines += [text for worker, stream, text in message["lines"]]
             assert all(worker == "w1" and stream == 1 for worker, stream, _ in message["lines"])
+            assert message["total"] == len(lines)  # the job's count after the batch: nothing was skipped
+            job_id = message["job"]
         else:
             states.append(message)
+            if lines:  # every line a state counts was pushed before it
+                assert message["lines"][job_id] == len(lines), (message["lines"], len(lines))
     job.join(10)
     assert sorted(lines, key=lambda t: int(t.split()[1])) == [f"line {i}" for i in range(50)]
     finished = states[-1]["state"]["recent"][0]
     assert finished["state"] == "done" and finished["done"] == 50 and finished["failed"] == 0
+    assert states[-1]["lines"][finished["id"]] == 50
     logs = json.loads((await jp_fetch("burla", "jobs", finished["id"], "logs")).body)
-    assert len(logs["lines"]) == 50  # kept for a panel that opens the job later
+    assert len(logs["lines"]) == 50 and logs["total"] == 50  # kept for a panel that opens the job later
     ws.close()
 
 

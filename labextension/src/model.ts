@@ -79,8 +79,8 @@ export interface IHistory {
 export type Tab = 'logs' | 'charts' | 'failures';
 
 export type Message =
-  | { type: 'state'; cluster: ICluster; state: IBrokerState | null }
-  | { type: 'logs'; job: string; lines: LogLine[]; skipped?: number };
+  | { type: 'state'; cluster: ICluster; state: IBrokerState | null; lines?: Record<string, number> }
+  | { type: 'logs'; job: string; lines: LogLine[]; skipped?: number; total?: number };
 
 export const MAX_LINES = 2000; // kept per job in the page
 export const ALL_WORKERS = '';
@@ -97,12 +97,15 @@ export class PanelModel {
   private pinned = false; // the user chose the selected job
   private logs = new Map<string, LogLine[]>();
   private skipped = new Map<string, number>();
+  private totals = new Map<string, number>(); // per job: the server's count of its lines that this page has had
+  private serverTotals: Record<string, number> = {}; // per job: its lines the server pushed before its last state
   private histories = new Map<string, IHistory>();
 
   apply(message: Message): void {
     if (message.type === 'state') {
       this.cluster = message.cluster;
       this.state = message.state;
+      this.serverTotals = message.lines ?? {};
       this.forgetOldLogs();
       if (this.wanted !== null && this.state) {
         if (this.job(this.wanted)) {
@@ -122,23 +125,44 @@ export class PanelModel {
         this.selected = running ? running.id : (stay ?? ended[0]?.id ?? null);
       }
     } else if (message.type === 'logs') {
-      this.addLines(message.job, message.lines);
-      if (message.skipped) {
-        this.skipped.set(message.job, (this.skipped.get(message.job) ?? 0) + message.skipped);
+      let { lines, skipped = 0 } = message;
+      const had = this.totals.get(message.job) ?? 0;
+      if (message.total !== undefined) {
+        // a fetched tail may already hold some of these lines: keep the new ones only
+        const fresh = Math.max(0, message.total - had);
+        lines = lines.slice(Math.max(0, lines.length - fresh));
+        skipped = Math.max(0, fresh - lines.length);
+        this.totals.set(message.job, Math.max(had, message.total));
+      }
+      this.addLines(message.job, lines);
+      if (skipped) {
+        this.skipped.set(message.job, (this.skipped.get(message.job) ?? 0) + skipped);
       }
     }
     this.version++;
   }
 
-  /** Lines fetched from the server for a job the page saw start late. The server keeps every line it streamed,
-   * so its tail replaces ours unless ours is already longer. */
-  setHistory(job: string, lines: LogLine[]): void {
-    if ((this.logs.get(job)?.length ?? 0) >= lines.length) {
+  /** The tail the server kept of a job's lines (for a job the page saw start late, or one whose pushes it
+   * missed), and the job's count of lines: it replaces ours unless ours is newer (without a count: longer). The
+   * server's tail is every line it had, in order; ours may lack some. */
+  setHistory(job: string, lines: LogLine[], total?: number): void {
+    const had = this.totals.get(job) ?? 0;
+    if (total !== undefined ? total === 0 || total < had : (this.logs.get(job)?.length ?? 0) >= lines.length) {
       return;
+    }
+    if (total !== undefined) {
+      const missed = Math.max(0, total - lines.length - had); // lines neither pushed to us nor in the tail
+      this.skipped.set(job, (this.skipped.get(job) ?? 0) + missed);
+      this.totals.set(job, total);
     }
     this.logs.set(job, []);
     this.addLines(job, lines);
     this.version++;
+  }
+
+  /** Whether the server pushed lines of the job that never reached this page: then its tail is fetched again. */
+  behind(job: string): boolean {
+    return (this.serverTotals[job] ?? 0) > (this.totals.get(job) ?? 0);
   }
 
   hasLines(job: string): boolean {
@@ -163,6 +187,7 @@ export class PanelModel {
       if (!known.has(id)) {
         this.logs.delete(id);
         this.skipped.delete(id);
+        this.totals.delete(id);
       }
     }
     for (const id of Array.from(this.histories.keys())) {

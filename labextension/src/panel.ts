@@ -118,6 +118,7 @@ export class BurlaPanel extends Widget {
   private charts = el('div', 'burla-charts');
   private failures = el('div', 'burla-failures');
   private fetchedLogs = new Set<string>(); // jobs whose kept tail this page asked the server for
+  private fetchingLogs = new Set<string>(); // those asked for now
   private fetching = new Set<string>(); // history requests in flight
   private fetchedEnded = new Map<string, number>(); // job -> history fetches made after it ended
   private chartsDrawn: [IHistory | undefined, number] = [undefined, 0];
@@ -201,15 +202,19 @@ export class BurlaPanel extends Widget {
     void this.refreshHistory(true);
   }
 
-  /** The tail the server kept of the shown job, once per job (lines that came before this page did, or before a
-   * reload). */
+  /** The tail the server kept of the shown job: once per job (lines that came before this page did, or before a
+   * reload), and again when the server counts lines of it that never reached this page (pushes lost while the
+   * page reconnected, say: without this its log would end early for good). */
   private async fetchLogs(id: string): Promise<void> {
     this.fetchedLogs.add(id);
+    this.fetchingLogs.add(id);
     try {
-      const history = await requestAPI<{ lines: LogLine[] }>(`jobs/${id}/logs`);
-      this.model.setHistory(id, history.lines);
+      const history = await requestAPI<{ lines: LogLine[]; total?: number }>(`jobs/${id}/logs`);
+      this.model.setHistory(id, history.lines, history.total);
     } catch {
       this.fetchedLogs.delete(id); // tried again on the next draw
+    } finally {
+      this.fetchingLogs.delete(id);
     }
   }
 
@@ -260,7 +265,8 @@ export class BurlaPanel extends Widget {
       this.buttons.appendChild(stop);
     }
     const selected = this.model.selected;
-    if (selected && this.model.job(selected) && !this.fetchedLogs.has(selected)) {
+    if (selected && this.model.job(selected) && !this.fetchingLogs.has(selected) &&
+        (!this.fetchedLogs.has(selected) || this.model.behind(selected))) {
       void this.fetchLogs(selected);
     }
     this.drawWorkers();

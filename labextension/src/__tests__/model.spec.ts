@@ -94,6 +94,30 @@ describe('PanelModel', () => {
     expect(m.visibleLines()).toHaveLength(2);
   });
 
+  it('knows when pushes of a job were lost, and heals from the server tail', () => {
+    const m = new PanelModel();
+    const lines = (from: number, to: number): LogLine[] =>
+      Array.from({ length: to - from }, (_, k) => ['w1', 1, `${from + k}`] as LogLine);
+    m.apply({ ...state([job('a')]), lines: {} });
+    m.apply({ type: 'logs', job: 'a', lines: lines(0, 3), skipped: 0, total: 3 });
+    m.apply({ ...state([job('a')]), lines: { a: 3 } });
+    expect(m.behind('a')).toBe(false);
+    // pushes of lines 3..9 never came (a reconnect); the next state counts them
+    m.apply({ ...state([job('a')]), lines: { a: 10 } });
+    expect(m.behind('a')).toBe(true);
+    // a tail of the last 5 of 12 lines: lines 3 to 6 are counted as not shown, the tail replaces ours
+    m.setHistory('a', lines(7, 12), 12);
+    expect(m.behind('a')).toBe(false);
+    expect(m.visibleLines().map(l => l[2])).toEqual(['7', '8', '9', '10', '11']);
+    expect(m.skippedLines()).toBe(4);
+    // a push the tail already held (it was on its way when the tail was fetched) adds only its new line
+    m.apply({ type: 'logs', job: 'a', lines: lines(10, 13), skipped: 0, total: 13 });
+    expect(m.visibleLines().map(l => l[2])).toEqual(['7', '8', '9', '10', '11', '12']);
+    // an older tail than what the page has changes nothing
+    m.setHistory('a', lines(8, 11), 11);
+    expect(m.visibleLines()).toHaveLength(6);
+  });
+
   it('moves its version on every change', () => {
     const m = new PanelModel();
     const before = m.version;
