@@ -506,7 +506,10 @@ class Job(Stream):
                 # the job's W seconds of work take B / rate s to hand out and W / B to run; B = sqrt(W * rate).
                 left = self.total - self.sent
                 split = max(SPLIT_MIN_SECONDS, math.sqrt(left * per_call / BROKER_BATCHES_PER_SECOND))
-                n = min(n, max(math.ceil(left / (2 * slots)), split / per_call))
+                # ... and none so small that the rest of a small job waits for results to free the window: what is
+                # left goes in the batches the window still allows (each still under TARGET_BATCH_SECONDS)
+                fit = math.ceil(left / max(P.window(self.slots) - len(self.outstanding), 1))
+                n = min(n, max(math.ceil(left / (2 * slots)), split / per_call, fit))
                 if self.per_call is None:
                     n = min(n, math.ceil(left / slots))
         if self.item_bytes:

@@ -322,3 +322,20 @@ def test_a_first_batch_sized_from_the_last_job_holds_at_most_two_inputs_of_unkno
         assert all(p.size <= (4 << 20) + 4096 for p in job.outstanding.values())
     finally:
         job.abandon()
+
+
+def test_a_small_job_of_tiny_calls_leaves_at_once(cluster):
+    """Calls known to be tiny, in a job small enough: all of its inputs leave in the batches the client's window
+    allows, none waiting for a result to free the window (which left one slot idle at the end of 100,000 tiny
+    calls)."""
+    from burla import client
+
+    conn = client.connection(cluster.address)
+    job = client.Job(conn, abs, list(range(-60_000, 0)), 1, 4, None, None, False, {})
+    try:
+        job.per_call = 1e-6  # (as a first result says: 60 ms of work in all)
+        job.fill()
+        sizes = [p.n for p in job.outstanding.values()]
+        assert sum(sizes) == 60_000 and len(sizes) <= client.P.window(job.slots), sizes
+    finally:
+        job.abandon()
