@@ -196,24 +196,28 @@ def case_tiny(p, n):
     items = list(range(n["tiny"]))
     p.start()
     p.map(double, items[:1000])  # warm-up: workers up, function loaded
+    # Every peer has as many timed runs as Pool has chunksizes, and shows its best (Pool's best is of its third
+    # run at 25000: one first run against another's third would measure warm-up, not the map).
+    best = []
     if getattr(p, "batched", False):
         chunks = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
         p.map(double_batch, chunks[:4])
-        t = time.perf_counter()
-        out = [y for ys in p.map(double_batch, chunks) for y in ys]
-        v, label = time.perf_counter() - t, f"batches of {BATCH}"
+        for _ in POOL_CHUNKSIZES:
+            t = time.perf_counter()
+            out = [y for ys in p.map(double_batch, chunks) for y in ys]
+            best.append((time.perf_counter() - t, f"batches of {BATCH}"))
     elif isinstance(p, Pool):
-        best = []
         for cs in POOL_CHUNKSIZES:
             t = time.perf_counter()
             out = p.map(double, items, cs)
             best.append((time.perf_counter() - t, f"chunksize={cs}"))
-        v, label = min(best)
     else:
         cs = None if isinstance(p, Burla) else 5000
-        t = time.perf_counter()
-        out = p.map(double, items, cs)
-        v, label = time.perf_counter() - t, (f"chunksize={cs}" if cs else "")
+        for _ in POOL_CHUNKSIZES:
+            t = time.perf_counter()
+            out = p.map(double, items, cs)
+            best.append((time.perf_counter() - t, f"chunksize={cs}" if cs else ""))
+    v, label = min(best)
     assert out[-1] == 2 * items[-1] and len(out) == len(items)
     return {"v": v, "label": label}
 
@@ -384,15 +388,15 @@ def goal(case, res, n, workers):
     """(goal text, met?) for burla's result; met is None when it cannot be judged."""
     b, pool = res["burla"].get("v"), res.get("pool", {}).get("v")
     vs_pool = pool / b if b and pool else None
-    texts = {"warm": "<= 1 ms", "cold": "<= 0.3 s", "tiny": ">= 3M calls/s and >= 0.5x Pool best",
+    texts = {"warm": "<= 0.5 ms", "cold": "<= 0.3 s", "tiny": ">= 1.0x Pool best",
              "sleep": ">= 98% of ideal", "big": ">= 1.0x Pool", "memory": "RSS growth <= 30 MiB",
              "submit": "<= 3x burla's tiny (remote_parallel_map)"}
     if b is None:
         return texts[case], None
     tiny = res.get("tiny_burla")
-    met = {"warm": b <= 1, "cold": b <= 0.3, "sleep": n["sleep"] * 0.01 / workers / b >= 0.98,
+    met = {"warm": b <= 0.5, "cold": b <= 0.3, "sleep": n["sleep"] * 0.01 / workers / b >= 0.98,
            "memory": b <= 30, "submit": None if not tiny else b <= 3 * tiny,
-           "tiny": n["tiny"] / b >= 3e6 and (vs_pool is None or vs_pool >= 0.5),
+           "tiny": None if vs_pool is None else vs_pool >= 1.0,
            "big": None if vs_pool is None else vs_pool >= 1.0}[case]
     return texts[case], met
 
@@ -472,7 +476,8 @@ def parent(args):
         "- warm latency: median of per-call wall times after a warm-up call. cold start: from right after the "
         "library's import to the first result, including starting the pool/cluster.",
         f"- tiny calls: mp.Pool shows the best of chunksizes {POOL_CHUNKSIZES}; ProcessPoolExecutor and loky "
-        "use chunksize=5000; burla picks its own batch size. Dask and Ray map a function over batches of "
+        f"use chunksize=5000; burla picks its own batch size; each of the others shows the best of as many "
+        f"({len(POOL_CHUNKSIZES)}) timed runs. Dask and Ray map a function over batches of "
         f"{BATCH} items (one task per batch) because their per-task overhead makes 100k single-item tasks "
         "meaningless; the other cases use one task per input.",
         f"- sleep: ideal = calls x 10 ms / {args.workers} workers.",
