@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -339,3 +340,40 @@ def test_a_small_job_of_tiny_calls_leaves_at_once(cluster):
         assert sum(sizes) == 60_000 and len(sizes) <= client.P.window(job.slots), sizes
     finally:
         job.abandon()
+
+
+MAPPED_BLOCKS = """
+import ctypes, os, sys, zmq
+from burla import protocol as P
+
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    print("no mallinfo2"); sys.exit(0)
+libc.mallinfo2.restype = Info
+P.socket(zmq.Context.instance(), zmq.DEALER).close()  # (what every process of burla's does first)
+before = libc.mallinfo2().hblks
+buffers = [bytearray(3 << 20) for _ in range(2)]  # a batch's worth
+print(libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.parametrize("own_setting", [False, True])
+def test_batch_sized_buffers_stay_on_the_heap(own_setting):
+    """A process that opens a burla socket keeps MiB-sized buffers on malloc's heap (reused from batch to batch)
+    instead of mapping and page-faulting through each; unless the user tuned malloc themselves."""
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    for k in [k for k in env if k.startswith("MALLOC_")]:
+        del env[k]
+    if own_setting:
+        env["MALLOC_ARENA_MAX"] = "4"
+    out = subprocess.run([sys.executable, "-c", MAPPED_BLOCKS], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.strip() == "no mallinfo2":
+        pytest.skip("this C library has no mallinfo2")
+    assert int(out.stdout) == (2 if own_setting else 0), out.stdout
