@@ -133,6 +133,7 @@ def test_panel_shows_a_notebook_job_and_cancels_it(lab, cluster, tmp_path, chrom
         expect(panel.locator(".burla-worker")).to_contain_text("w1")
 
         page.locator(".jp-Notebook .jp-Cell .cm-content").first.click(timeout=60_000)
+        kernel_idle(page)
         page.keyboard.press("Shift+Enter")  # run the cell: the job starts in the notebook's kernel
         running = panel.locator(".burla-job-running")
         expect(running).to_be_visible(timeout=60_000)
@@ -198,6 +199,7 @@ def test_attach_a_detached_job_in_a_new_cell(own_lab, own_cluster, chromium):
         expect(cells.first.locator(".cm-content")).to_contain_text("remote_parallel_map(slow")  # (left alone)
 
         cells.nth(1).locator(".cm-content").click()
+        kernel_idle(page)
         page.keyboard.press("Shift+Enter")  # run it, in the notebook's kernel (a fresh one)
         expect(cells.nth(1).locator(".jp-OutputArea")).to_contain_text("10 / 10", timeout=60_000)  # the live view
         expect(cells).to_have_count(3)  # (Shift+Enter on the last cell adds one, in edit mode)
@@ -578,7 +580,14 @@ def widen_sidebar(page, width=430):
 
 def run_cell(page, index):
     page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".cm-content").click(timeout=60_000)
+    kernel_idle(page)
     page.keyboard.press("Shift+Enter")
+
+
+def kernel_idle(page):
+    """Wait until the notebook's kernel is up and idle: a cell run while it still starts may never run (it stays
+    "[ ]", which made a test wait in vain on a loaded machine)."""
+    expect(page.get_by_role("button", name=re.compile(r"\| Idle$"))).to_be_visible(timeout=60_000)
 
 
 def test_charts_and_failures_of_a_notebook_job(charts_lab, tmp_path, chromium):
