@@ -198,25 +198,20 @@ def case_tiny(p, n):
     p.map(double, items[:1000])  # warm-up: workers up, function loaded
     # Every peer has as many timed runs as Pool has chunksizes, and shows its best (Pool's best is of its third
     # run at 25000: one first run against another's third would measure warm-up, not the map).
-    best = []
     if getattr(p, "batched", False):
         chunks = [items[i:i + BATCH] for i in range(0, len(items), BATCH)]
         p.map(double_batch, chunks[:4])
-        for _ in POOL_CHUNKSIZES:
-            t = time.perf_counter()
-            out = [y for ys in p.map(double_batch, chunks) for y in ys]
-            best.append((time.perf_counter() - t, f"batches of {BATCH}"))
+        runs = [(lambda: [y for ys in p.map(double_batch, chunks) for y in ys], f"batches of {BATCH}")]
     elif isinstance(p, Pool):
-        for cs in POOL_CHUNKSIZES:
-            t = time.perf_counter()
-            out = p.map(double, items, cs)
-            best.append((time.perf_counter() - t, f"chunksize={cs}"))
+        runs = [(lambda cs=cs: p.map(double, items, cs), f"chunksize={cs}") for cs in POOL_CHUNKSIZES]
     else:
         cs = None if isinstance(p, Burla) else 5000
-        for _ in POOL_CHUNKSIZES:
-            t = time.perf_counter()
-            out = p.map(double, items, cs)
-            best.append((time.perf_counter() - t, f"chunksize={cs}" if cs else ""))
+        runs = [(lambda: p.map(double, items, cs), f"chunksize={cs}" if cs else "")]
+    best = []
+    for run, label in (runs * len(POOL_CHUNKSIZES))[:len(POOL_CHUNKSIZES)]:
+        t = time.perf_counter()
+        out = run()
+        best.append((time.perf_counter() - t, label))
     v, label = min(best)
     assert out[-1] == 2 * items[-1] and len(out) == len(items)
     return {"v": v, "label": label}

@@ -1,5 +1,6 @@
 """remote_parallel_map against a real broker and a real worker (two executor slots), started by `burla`."""
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -308,38 +309,40 @@ def test_tiny_calls_are_not_flooded_over_many_slots_and_slow_ones_spread_at_once
     assert sum(start < first_end for start, _ in spans) > 16  # more than the probes ran at once
 
 
+@contextlib.contextmanager
+def filled_job(cluster, function, inputs, per_call=None):
+    """A job whose client has filled its window once, before any result came (per_call: as if one said so)."""
+    from burla import client
+
+    job = client.Job(client.connection(cluster.address), function, inputs, 1, 4, None, None, False, {})
+    try:
+        if per_call is not None:
+            job.per_call = per_call
+        job.fill()
+        yield job
+    finally:
+        job.abandon()
+
+
 def test_a_first_batch_sized_from_the_last_job_holds_at_most_two_inputs_of_unknown_size(rpm, cluster):
     """The function's last job here had tiny inputs, so its calls look fast; this job's inputs are 1 MiB each. Until
     one batch says how big they are, a batch holds at most two (never hundreds of MiB in one message)."""
-    from burla import client
-
     rpm(len, [b"x"] * 50)  # (a per-call time for len)
-    conn = client.connection(cluster.address)
-    job = client.Job(conn, len, [bytes([k]) * (1 << 20) for k in range(40)], 1, 4, None, None, False, {})
-    try:
-        job.fill()
+    with filled_job(cluster, len, [bytes([k]) * (1 << 20) for k in range(40)]) as job:
         sizes = [p.n for p in job.outstanding.values()]
         assert sizes[0] <= 2 and sum(sizes) <= 2 + 4 * 4, sizes  # then 4 MiB batches (P.MAX_BATCH_BYTES)
         assert all(p.size <= (4 << 20) + 4096 for p in job.outstanding.values())
-    finally:
-        job.abandon()
 
 
 def test_a_small_job_of_tiny_calls_leaves_at_once(cluster):
     """Calls known to be tiny, in a job small enough: all of its inputs leave in the batches the client's window
     allows, none waiting for a result to free the window (which left one slot idle at the end of 100,000 tiny
     calls)."""
-    from burla import client
+    from burla import protocol as P
 
-    conn = client.connection(cluster.address)
-    job = client.Job(conn, abs, list(range(-60_000, 0)), 1, 4, None, None, False, {})
-    try:
-        job.per_call = 1e-6  # (as a first result says: 60 ms of work in all)
-        job.fill()
+    with filled_job(cluster, abs, list(range(-60_000, 0)), per_call=1e-6) as job:  # (60 ms of work in all)
         sizes = [p.n for p in job.outstanding.values()]
-        assert sum(sizes) == 60_000 and len(sizes) <= client.P.window(job.slots), sizes
-    finally:
-        job.abandon()
+        assert sum(sizes) == 60_000 and len(sizes) <= P.window(job.slots), sizes
 
 
 MAPPED_BLOCKS = """
