@@ -11,12 +11,14 @@ import collections
 import functools
 import hashlib
 import io
+import operator
 import os
 import pickle
 import site
 import sys
 import sysconfig
 import types
+import weakref
 
 import cloudpickle
 
@@ -107,12 +109,53 @@ def _send_by_value(function):
                 pass
 
 
+_IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None)})
+_pickled = weakref.WeakKeyDictionary()  # plain function -> (what its pickle was made of, the pickle, its digest)
+
+
+def _pickled_from(function):
+    """Everything a pickle of this plain function reads, when each part is immutable and held here: while the
+    same objects are there, the pickle is the same. None when that cannot be told cheaply (a closure, a mutable
+    default or global, a function or class it uses, attributes, annotations): then it is pickled every time."""
+    if type(function) is not types.FunctionType or function.__closure__ or function.__dict__ or \
+            function.__annotations__:
+        return None
+    scope = function.__globals__
+    # (the module counts are compared as numbers, the rest as objects: an import can change the pickle)
+    parts = [(len(sys.modules), len(_BY_VALUE)), function.__code__, function.__defaults__, function.__name__,
+             function.__qualname__, function.__module__, function.__doc__]
+    kwdefaults = function.__kwdefaults__ or {}  # (a dict: it can change in place)
+    for value in (*(function.__defaults__ or ()), *kwdefaults, *kwdefaults.values()):
+        if type(value) not in _IMMUTABLE:
+            return None
+        parts.append(value)
+    for name in ("__package__", "__name__", "__path__", "__file__", *sorted(_global_names(function.__code__))):
+        value = scope.get(name)
+        if type(value) not in _IMMUTABLE and not (type(value) is types.ModuleType and value.__name__ != "__main__"
+                                                  and value.__name__ not in _BY_VALUE and
+                                                  sys.modules.get(value.__name__) is value):
+            return None  # (a module of the user's own, or one not imported, travels by value: it may change)
+        parts.append(value)
+    return parts
+
+
 def dumps_function(function):
+    """(pickle, digest). A warm loop maps the same function again and again: when its pickle can only be what it
+    was (_pickled_from), it is not made again."""
+    made_of = _pickled_from(function)
+    if made_of is not None:
+        cached = _pickled.get(function)
+        if cached is not None and len(cached[0]) == len(made_of) and cached[0][0] == made_of[0] and \
+                all(map(operator.is_, cached[0][1:], made_of[1:])):
+            return cached[1], cached[2]
     _send_by_value(function)
     out = io.BytesIO()
     _FunctionPickler(out, protocol=5).dump(function)
     data = out.getvalue()
-    return data, hashlib.blake2b(data, digest_size=16).digest()
+    digest = hashlib.blake2b(data, digest_size=16).digest()
+    if made_of is not None:
+        _pickled[function] = (_pickled_from(function), data, digest)  # (after _send_by_value, which may register)
+    return data, digest
 
 
 def loads_function(data):

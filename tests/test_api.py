@@ -69,6 +69,37 @@ def test_closures_and_local_classes(rpm):
     assert out == [11, 12]
 
 
+def test_a_function_is_pickled_again_whenever_what_it_uses_changed(rpm):
+    """A warm loop reuses a function's pickle (it is made once) only while nothing it reads can have changed: a
+    global rebound or changed in place, a default, a closure's cell, an attribute all reach the calls."""
+    from burla import serialize
+
+    cell = {"__name__": "a_notebook_cell"}  # (not importable: pickled by value, as __main__'s functions are)
+    exec("import math\nK = 3\nL = [1]\ndef f(x, *, k=0):\n    return math.floor(x) * K + k\n"
+         "def g(x):\n    return x + L[0]\n", cell)
+    f, g = cell["f"], cell["g"]
+    assert serialize.dumps_function(f)[0] is serialize.dumps_function(f)[0]  # (reused: the same bytes object)
+    assert rpm(f, [1, 2]) == [3, 6]
+    cell["K"] = 4
+    assert rpm(f, [1, 2]) == [4, 8]
+    f.__kwdefaults__["k"] = 1
+    assert rpm(f, [1, 2]) == [5, 9]
+    f.__defaults__ = None
+    f.label = "changed"  # (an attribute: such a function is pickled every time)
+    assert rpm(lambda x: f(x) + len(f.label), [1]) == [12]
+    assert rpm(g, [1]) == [2]
+    cell["L"][0] = 10  # (a list global: never reused)
+    assert rpm(g, [1]) == [11]
+
+    def adder(k):
+        return lambda x: x + k
+
+    h = adder(1)
+    assert rpm(h, [1]) == [2]
+    h.__closure__[0].cell_contents = 5
+    assert rpm(h, [1]) == [6]
+
+
 def test_unknown_length_input_is_consumed_lazily(rpm):
     pulled = itertools.count()
 
