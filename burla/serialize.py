@@ -153,8 +153,9 @@ def dumps_function(function):
     _FunctionPickler(out, protocol=5).dump(function)
     data = out.getvalue()
     digest = hashlib.blake2b(data, digest_size=16).digest()
+    made_of = made_of and _pickled_from(function)  # (again: _send_by_value may have sent a module by value)
     if made_of is not None:
-        _pickled[function] = (_pickled_from(function), data, digest)  # (after _send_by_value, which may register)
+        _pickled[function] = (made_of, data, digest)
     return data, digest
 
 

@@ -2,6 +2,7 @@
 
 import contextlib
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -69,7 +70,7 @@ def test_closures_and_local_classes(rpm):
     assert out == [11, 12]
 
 
-def test_a_function_is_pickled_again_whenever_what_it_uses_changed(rpm):
+def test_a_function_is_pickled_again_whenever_what_it_uses_changed(rpm, tmp_path, monkeypatch):
     """A warm loop reuses a function's pickle (it is made once) only while nothing it reads can have changed: a
     global rebound or changed in place, a keyword default changed in place, a closure's cell all reach the calls."""
     from burla import serialize
@@ -89,6 +90,17 @@ def test_a_function_is_pickled_again_whenever_what_it_uses_changed(rpm):
     assert rpm(g, [1]) == [2]
     cell["L"][0] = 10  # (a list global: never reused)
     assert rpm(g, [1]) == [11]
+
+    # a module of the user's own travels by value: what changes in it reaches the calls too (the first pickle
+    # of a function that uses it is where burla learns that it does)
+    (tmp_path / "users_own_module.py").write_text("K = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    exec("import users_own_module\ndef m(x):\n    return x + getattr(users_own_module, 'K', 100)\n", cell)
+    assert rpm(cell["m"], [1]) == [2] and rpm(cell["m"], [1]) == [2]
+    sys.modules["users_own_module"].K = 5
+    assert rpm(cell["m"], [1]) == [6]
+    cell["users_own_module"] = math  # (an installed module: from now on its pickle may be reused)
+    assert rpm(cell["m"], [1]) == [101] and rpm(cell["m"], [1]) == [101]
 
     def adder(k):
         return lambda x: x + k
