@@ -57,12 +57,15 @@ def cluster_up(cloud, tmp_path, name, **kwargs):
     return address, said, options["compute"]
 
 
-def wait_for(condition, seconds, what, booter=None, name=None):
+def wait_for(condition, seconds, what, booter=None, *names):
+    """Wait for condition(); past the time, fail with the logs of every VM of these names, and what booted."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            logs = booter.logs(name) if booter else ""
-            raise AssertionError(f"{what}: not within {seconds} s\n{logs}")
+            logs = "\n".join(booter.logs(name) for name in names) if booter else ""
+            booted = sorted(os.listdir(booter.root)) if booter else []
+            what = what() if callable(what) else what
+            raise AssertionError(f"{what}: not within {seconds} s (VM folders: {booted})\n{logs}")
         time.sleep(0.2)
 
 
@@ -98,11 +101,15 @@ def test_up_boots_vms_that_run_a_job_and_survive_a_preemption(cloud, tmp_path):
     assert out["r"] == list(range(40))
     # the minimum is 2: the autoscaler boots another, which joins with all its slots (the old one's
     # registration can linger until its heartbeats are missed, and a new worker's slots dial one by one)
+    seen = []
+
     def replaced():
         workers = {w["id"]: w for w in state()["workers"]}
+        seen[:] = [{k: w.get(k) for k in ("id", "pid", "slots", "busy")} for w in workers.values()]
         return sorted(workers) == ["b1-worker-0", "b1-worker-1"] and \
             workers["b1-worker-0"]["pid"] != first["b1-worker-0"] and all(w["slots"] == 2 for w in workers.values())
-    wait_for(replaced, 60, "a replacement VM", booter, "b1-head")
+    wait_for(replaced, 60, lambda: f"a replacement VM (workers were {first}, now {seen})", booter, "b1-head",
+             "b1-worker-0")
     rows = gce.status("proj", "b1", compute=compute, state=state())
     assert [(r["name"], r["joined"]) for r in rows] == [("b1-head", False), ("b1-worker-0", True),
                                                         ("b1-worker-1", True)]
