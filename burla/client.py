@@ -1,6 +1,6 @@
 """remote_parallel_map: the client side of a job.
 
-The function is pickled once per job and sent with the submission. Inputs are pulled from the user's iterable
+The function is pickled at most once per job (see serialize.dumps_function) and sent with the submission. Inputs are pulled from the user's iterable
 lazily, in batches of consecutive indices, while the number of batches (and bytes) not yet answered stays under a
 window: that window is the client's credit, so memory stays flat whatever the number of inputs. Batch size adapts:
 one input per batch until the first results report how long a call takes (a few such probes; the function's last
