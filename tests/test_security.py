@@ -217,3 +217,31 @@ def test_only_the_clusters_admin_speaks_for_its_autoscaler(secure):
     assert cluster_state(secure.address, 2, secure.api_key)["scaling"] is None
     state = cluster_state(secure.address, 2, secure.api_key, capacity={"b": 2, "n": 1, "mx": 4})
     assert {k: state["scaling"][k] for k in "bn"} == {"b": 2, "n": 1}
+
+
+@pytest.mark.timeout(30)
+def test_an_executor_whose_handshake_is_never_answered_dials_again(tmp_path):
+    """ZeroMQ does not retry a CURVE handshake that failed, and waits 30 s for one that gets no answer: an executor
+    left like that never says READY, and its slot never joins. It dials again after HANDSHAKE_WAIT (set to 1 s
+    here) without an answer, and says so on its worker's log."""
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, and never speaks CURVE (nor anything)
+    listener.settimeout(8)
+    credential = security.new_credential(security.SLOT, zmq.curve_keypair()[0])
+    token = tmp_path / "key"
+    token.write_text(credential)
+    code = ("import burla.worker.executor as e; e.HANDSHAKE_WAIT = 1.0; "
+            f"e.main('tcp://127.0.0.1:{listener.getsockname()[1]}', 'w', 0, token=open({str(token)!r}).read())")
+    executor = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=HERE),
+                                stderr=subprocess.PIPE, text=True)
+    held = []
+    try:
+        for _ in range(3):  # the first dial, then two more, each after a second with no answer
+            held.append(listener.accept()[0])
+    finally:
+        executor.kill()
+        _, err = executor.communicate(timeout=10)
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert len(held) == 3
+    assert "handshake with the broker" in err and "no answer" in err and "dialling again" in err, err

@@ -11,6 +11,7 @@ import collections
 import os
 import reprlib
 import signal
+import struct
 import sys
 import threading
 import time
@@ -27,6 +28,9 @@ from burla.worker.processes import die_with_parent, end_processes, lead_process_
 
 TIMEOUT_GRACE = 1.0  # seconds past a call's timeout before its worker kills the executor (SIGALRM came first)
 LOG_LINGER = 0.02  # seconds a first pending line waits for company before it is sent
+HANDSHAKE_WAIT = 10.0  # seconds a CURVE handshake with the broker may take before the executor dials again
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH |
+                    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 200
 
@@ -89,7 +93,7 @@ class Executor:
                     return
                 if self.worker_pidfd in events:
                     return  # the worker is gone
-                if self.refused in events:  # dialled before the broker knew our key: ZeroMQ gives up, we do not
+                if self.refused is not None and (self.refused in events or not self.shaken) and self.handshake():
                     time.sleep(0.05)
                     with self.lock:
                         self.dial()
@@ -111,8 +115,25 @@ class Executor:
             if old is not None:
                 old.close(0)
         self.sock, self.poller = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.SLOT), None
-        self.refused = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.token else None
+        self.refused = self.sock.get_monitor_socket(HANDSHAKE_EVENTS) if self.token else None
+        self.dialled, self.shaken = time.monotonic(), False
         self.sock.connect(self.broker)
+
+    def handshake(self):
+        """Whether to dial again: the CURVE handshake failed, or has not succeeded within HANDSHAKE_WAIT. ZeroMQ
+        does not retry a handshake that failed, so a socket left like that would never carry our READY. (A refused
+        key is the usual case: we dialled before the worker told the broker our key.)"""
+        failed = None
+        while self.refused.poll(0):
+            event = struct.unpack("=H", self.refused.recv_multipart()[0][:2])[0]  # (native uint16, as client.py)
+            self.shaken = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            failed = None if self.shaken else event
+        if failed is None and not self.shaken and time.monotonic() - self.dialled > HANDSHAKE_WAIT:
+            failed = "timeout"
+        if failed not in (None, zmq.EVENT_HANDSHAKE_FAILED_AUTH) and self.sink.fds is not None:
+            self.sink.fds.complain(f"the handshake with the broker at {self.broker} failed "
+                                   f"({'no answer' if failed == 'timeout' else zmq.Event(failed).name}); dialling again")
+        return failed is not None
 
     def on_cancel_signal(self, *_):
         self.read_control()
