@@ -65,6 +65,7 @@ class Executor:
         self.call_cancels = set()  # (job, input index) of calls cancelled one by one
         self.control_buffer, self.reready = b"", False
         self.worker_pidfd = None  # in a container: readable once the worker has exited
+        self.said_redial = False
         # The GPUs the worker was started with visible (None: all of the host's); TASK's gpu indexes into them.
         self.host_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
 
@@ -130,7 +131,9 @@ class Executor:
             failed = None if self.shaken else event
         if failed is None and not self.shaken and time.monotonic() - self.dialled > HANDSHAKE_WAIT:
             failed = "timeout"
-        if failed not in (None, zmq.EVENT_HANDSHAKE_FAILED_AUTH) and self.sink.fds is not None:
+        if failed not in (None, zmq.EVENT_HANDSHAKE_FAILED_AUTH) and self.sink.fds is not None and \
+                not self.said_redial:  # (once: a broker that is down would make it every HANDSHAKE_WAIT)
+            self.said_redial = True
             self.sink.fds.complain(f"the handshake with the broker at {self.broker} failed "
                                    f"({'no answer' if failed == 'timeout' else zmq.Event(failed).name}); dialling again")
         return failed is not None
