@@ -1,11 +1,11 @@
 """remote_parallel_map: the client side of a job.
 
-The function is pickled at most once per job (see serialize.dumps_function) and sent with the submission. Inputs are pulled from the user's iterable
-lazily, in batches of consecutive indices, while the number of batches (and bytes) not yet answered stays under a
-window: that window is the client's credit, so memory stays flat whatever the number of inputs. Batch size adapts:
-one input per batch until the first results report how long a call takes (a few such probes; the function's last
-job here gives a first guess), then as many as fill about TARGET_BATCH_SECONDS of work, and never so many that the
-last batches leave slots idle, nor so few that the broker, not the slots, sets the pace.
+The function is pickled at most once per job (see serialize.dumps_function) and sent with the submission. Inputs are
+pulled from the user's iterable lazily, in batches of consecutive indices, while the number of batches (and bytes)
+not yet answered stays under a window: that window is the client's credit, so memory stays flat whatever the number
+of inputs. Batch size adapts: one input per batch until the first results report how long a call takes (a few such
+probes; the function's last job here gives a first guess), then as many as fill about TARGET_BATCH_SECONDS of work,
+and never so many that the last batches leave slots idle, nor so few that the broker, not the slots, sets the pace.
 """
 
 import itertools
@@ -13,7 +13,6 @@ import linecache
 import math
 import os
 import re
-import struct
 import threading
 import time
 import warnings
@@ -93,8 +92,7 @@ class Connection:
             return False
         again = False
         while entry[0].poll(0):
-            # (frame 0 starts with the event number, a native uint16; zmq.utils.monitor would import asyncio)
-            event = struct.unpack("=H", entry[0].recv_multipart()[0][:2])[0]
+            event = P.monitor_event(entry[0])
             if event == zmq.EVENT_DISCONNECTED:
                 entry[1] = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and entry[1]:

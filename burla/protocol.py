@@ -305,6 +305,12 @@ def send(sock, command, header, payload=(), ident=None, flags=0):
         _send_frame(sock, frame, more if k < last else flags, copy)
 
 
+def monitor_event(monitor):
+    """The number of the next event on a socket's monitor (frame 0 starts with it, a native uint16; reading it
+    here spares zmq.utils.monitor, which imports asyncio)."""
+    return struct.unpack("=H", monitor.recv_multipart()[0][:2])[0]
+
+
 def readable(sock, timeout=0):
     """Whether a message waits on sock, or comes within timeout ms: Socket.poll without the Poller it builds."""
     if _get_option(sock, _EVENTS) & _POLLIN:

@@ -11,7 +11,6 @@ import collections
 import os
 import reprlib
 import signal
-import struct
 import sys
 import threading
 import time
@@ -71,7 +70,7 @@ class Executor:
 
     def run(self):
         self.ctx = zmq.Context()
-        self.sock = self.refused = None
+        self.sock = self.handshakes = None
         self.dial()
         # A call that calls remote_parallel_map reaches this cluster (as the job's owner: see TASK's ak)
         os.environ["BURLA_CLUSTER"] = self.broker
@@ -86,7 +85,7 @@ class Executor:
             if not self.tasks:
                 if self.poller is None:  # (again after each dial)
                     self.poller = zmq.Poller()
-                    for fd in (self.sock, self.refused, self.control_fd, self.worker_pidfd):
+                    for fd in (self.sock, self.handshakes, self.control_fd, self.worker_pidfd):
                         if fd is not None:
                             self.poller.register(fd, zmq.POLLIN)
                 events = dict(self.poller.poll(1000))
@@ -94,7 +93,8 @@ class Executor:
                     return
                 if self.worker_pidfd in events:
                     return  # the worker is gone
-                if self.refused is not None and (self.refused in events or not self.shaken) and self.handshake():
+                if self.handshakes is not None and (self.handshakes in events or not self.shaken) and \
+                        self.handshake():
                     time.sleep(0.05)
                     with self.lock:
                         self.dial()
@@ -111,12 +111,12 @@ class Executor:
 
     def dial(self):
         """(Re)connect with the slot's key. A broker that restarted learns the key again from the worker, maybe
-        after we dialled: a refused handshake is not retried by ZeroMQ, so we watch for it and dial again."""
-        for old in (self.sock, self.refused):
+        after we dialled: ZeroMQ retries no failed handshake, so we watch them (see handshake())."""
+        for old in (self.sock, self.handshakes):
             if old is not None:
                 old.close(0)
         self.sock, self.poller = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.SLOT), None
-        self.refused = self.sock.get_monitor_socket(HANDSHAKE_EVENTS) if self.token else None
+        self.handshakes = self.sock.get_monitor_socket(HANDSHAKE_EVENTS) if self.token else None
         self.dialled, self.shaken = time.monotonic(), False
         self.sock.connect(self.broker)
 
@@ -125,8 +125,8 @@ class Executor:
         does not retry a handshake that failed, so a socket left like that would never carry our READY. (A refused
         key is the usual case: we dialled before the worker told the broker our key.)"""
         failed = None
-        while self.refused.poll(0):
-            event = struct.unpack("=H", self.refused.recv_multipart()[0][:2])[0]  # (native uint16, as client.py)
+        while self.handshakes.poll(0):
+            event = P.monitor_event(self.handshakes)
             self.shaken = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
             failed = None if self.shaken else event
         if failed is None and not self.shaken and time.monotonic() - self.dialled > HANDSHAKE_WAIT:
@@ -134,8 +134,8 @@ class Executor:
         if failed not in (None, zmq.EVENT_HANDSHAKE_FAILED_AUTH) and self.sink.fds is not None and \
                 not self.said_redial:  # (once: a broker that is down would make it every HANDSHAKE_WAIT)
             self.said_redial = True
-            self.sink.fds.complain(f"the handshake with the broker at {self.broker} failed "
-                                   f"({'no answer' if failed == 'timeout' else zmq.Event(failed).name}); dialling again")
+            why = "no answer" if failed == "timeout" else zmq.Event(failed).name
+            self.sink.fds.complain(f"the handshake with the broker at {self.broker} failed ({why}); dialling again")
         return failed is not None
 
     def on_cancel_signal(self, *_):
