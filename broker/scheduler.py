@@ -721,7 +721,7 @@ class Scheduler:
         """Workers, and the jobs the asker may see: its own (everything, on an unauthenticated socket)."""
         now = time.monotonic()
         workers = [{
-            "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots),
+            "id": w.id, "host": w.host, "pid": w.pid, "slots": len(w.slots), "of": w.nslots,
             "busy": sum(1 for s in w.slots if self.slots[s].job is not None),
             "cpu": w.cpu, "ram": w.ram, "gpu": w.gpus[:64],
             "preparing": sum(1 for s in w.slots if self.slots[s].preparing), "containers": w.runtime,

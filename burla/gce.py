@@ -449,7 +449,7 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
 
 
 def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
-    """Show VMs created, booted (RUNNING) and joined (their worker registered) until all workers have joined: a
+    """Show VMs created, booted (RUNNING) and joined (their worker registered, all its slots too) until all workers have joined: a
     progress bar on a terminal, a line per change otherwise."""
     import sys
 
@@ -467,7 +467,9 @@ def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
             running = sum(1 for i in vms if i.status == "RUNNING")
             try:
                 state = cluster_state(address, timeout=3.0, api_key=api_key)
-                joined = sum(1 for w in state.get("workers", ()) if w["id"].startswith(f"{name}-worker-"))
+                # joined: registered with every slot it has (a new worker's slots dial one by one)
+                joined = sum(1 for w in state.get("workers", ()) if w["id"].startswith(f"{name}-worker-") and
+                             w["slots"] >= w.get("of", 0))
                 broker = "answers"
             except (TimeoutError, OSError):
                 joined, broker = 0, "not answering yet"

@@ -82,9 +82,11 @@ def test_up_boots_vms_that_run_a_job_and_survive_a_preemption(cloud, tmp_path):
     assert any("2/2 joined" in s for s in said), said
     assert any(s.startswith("cost: about $0.20 per hour") for s in said), said  # 3 x e2-standard-2
 
-    # the calls ran in the VMs (their BURLA_ROOT is the VM's), all of them
-    roots = burla.remote_parallel_map(lambda _: __import__("os").environ["BURLA_ROOT"], range(20), packages=[],
-                                      spinner=False)
+    # the calls ran in the VMs (their BURLA_ROOT is the VM's), all of them: `up` returned once every slot had
+    # joined, and calls of 50 ms each are spread over all four (20 instant ones could all go to the first)
+    assert all(w["slots"] == w["of"] == 2 for w in burla.client.cluster_state(address)["workers"])
+    roots = burla.remote_parallel_map(lambda _: (__import__("time").sleep(0.05), __import__("os").environ[
+        "BURLA_ROOT"])[1], range(20), packages=[], spinner=False)
     assert {os.path.basename(os.path.dirname(r)).rsplit("-", 1)[0] for r in roots} == {"b1-worker-0", "b1-worker-1"}
 
     # a VM deleted mid-job (what a preemption is): its calls run again elsewhere; every result comes once
