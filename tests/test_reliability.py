@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from unittest.mock import ANY
+
 import psutil
 import pytest
 
@@ -208,3 +210,65 @@ def slow_then_quick(x, _tries={}):
 def test_each_retry_gets_the_whole_timeout(rpm):
     # the deadline the worker enforces (for calls stuck in C code) covers every attempt, not only the first
     assert rpm(slow_then_quick, [7], timeout=1.5, retries=1) == [7]
+
+
+def sleep_then_double(x):
+    time.sleep(x)
+    return x * 2
+
+
+def triple(x):
+    return x * 3
+
+
+@pytest.mark.timeout(30)
+def test_a_function_whose_first_task_never_ran_still_serves_the_next_job():
+    """The broker sends a slot each function once, with the first TASK that needs it. That task may never run:
+    its job is cancelled while it waits behind another. The slot must keep the function all the same: a later
+    job of the same function is sent without it (this once failed every call with a KeyError). Here the test is
+    the broker of a real executor. The functions' LRU order is kept as the broker counts it, so a function the
+    broker still counts as sent is never the one an executor dropped."""
+    from burla import protocol as P
+    from burla import serialize
+
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    code = f"import burla.worker.executor as e; e.main('tcp://127.0.0.1:{port}', 'w', 0)"
+    executor = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.path.dirname(
+        __file__)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    router.setsockopt(zmq.RCVTIMEO, 15_000)
+
+    def task(job, function, values, carry):
+        data, digest = serialize.dumps_function(function)
+        z, frames = serialize.pack_items(values)
+        header = {"j": job, "i": 0, "n": len(values), "d": digest, "z": z}
+        if carry:
+            header["f"] = 1
+        P.send(router, P.TASK, header, [data] * carry + frames, ident=ident)
+
+    def result(job):
+        while True:
+            _, _, command, header, payload = P.recv_routed(router, False)
+            if command == P.RESULT and header["j"] == job:
+                assert not header.get("e"), header  # (their message said KeyError)
+                return header, serialize.unpack_items(header.get("z"), payload[:header["k"]])
+
+    try:
+        ident, _, command, _, _ = P.recv_routed(router, False)
+        assert command == P.READY
+        busy, cancelled, again = b"busy0000", b"cancel00", b"again000"
+        task(busy, sleep_then_double, [0.5], carry=True)  # the executor is busy for half a second...
+        task(cancelled, triple, [1, 2], carry=True)  # ...while triple's first task waits, and is cancelled
+        P.send(router, P.CANCEL, {"j": cancelled}, ident=ident)
+        assert result(busy) == ({"j": busy, "i": 0, "o": 0, "k": 1, "e": [], "f": 1, "w": "w/0", "t": ANY, "z": ANY}, [1.0])
+        task(again, triple, [3, 4], carry=False)  # the same function, not sent again
+        header, values = result(again)
+        assert values == [9, 12], header
+    finally:
+        executor.kill()
+        executor.wait(10)
+        router.close(0)
+        ctx.term()

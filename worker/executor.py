@@ -52,6 +52,8 @@ class Executor:
         self.control_fd = control_fd  # from the worker: b"R" = say READY again; end of file = exit
         self.token = token
         self.where_fd = where_fd  # see P.WHERE
+        # digest -> the function, or its pickle's frames (a list) until a task first runs it; in the broker's LRU
+        # order (Slot.functions), which counts a function as this slot's from the TASK that carried it on
         self.functions = collections.OrderedDict()
         self.tasks = collections.deque()
         self.sink = LogSink()
@@ -191,7 +193,7 @@ class Executor:
 
     def handle(self, command, header, payload):
         if command == P.TASK:
-            self.tasks.append((header, payload))
+            self.tasks.append((header, self.keep_function(header, payload)))
         elif command == P.CANCEL:
             self.cancelled.append(header["j"])
             self.tasks = collections.deque(t for t in self.tasks if t[0]["j"] != header["j"])
@@ -199,19 +201,30 @@ class Executor:
             self.tasks.clear()
             self.ready_unlocked()
 
-    def function(self, header, payload):
-        digest, frames = header["d"], header.get("f", 0)
+    def keep_function(self, header, payload):
+        """Cache a TASK's function as it arrives, not when the task runs: the task may never run (its job cancelled
+        meanwhile), and the broker sends the function to this slot only once. The task's inputs."""
+        digest, frames = header["d"], header.pop("f", 0)
         if frames:
             if header.get("ak"):  # nested calls run as this job's owner; this executor serves no other
                 from burla import config
 
                 config.executor_api_key = header["ak"]  # (not in os.environ: children's environments are public)
-            self.functions[digest] = serialize.loads_function(serialize.join(payload[:frames]))
+            self.functions[digest] = list(payload[:frames])
             if len(self.functions) > P.FUNCTION_CACHE:
                 self.functions.popitem(last=False)
-            return self.functions[digest], payload[frames:]
-        self.functions.move_to_end(digest)
-        return self.functions[digest], payload
+            return payload[frames:]
+        if digest in self.functions:
+            self.functions.move_to_end(digest)
+        return payload
+
+    def function(self, digest):
+        function = self.functions.get(digest)
+        if function is None:
+            raise RuntimeError(f"this executor was never sent the job's function ({digest.hex()[:16]})")
+        if type(function) is list:  # (a function is never a plain list: see keep_function)
+            function = self.functions[digest] = serialize.loads_function(serialize.join(function))
+        return function
 
     def run_task(self, header, payload):
         """Run one batch. Results go back in one RESULT, or in several when calls fail and the job goes on, or one
@@ -227,7 +240,7 @@ class Executor:
             os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices(header["gpu"], self.host_gpus)
         sys.stdout, sys.stderr = self.fresh_streams()  # again: a previous call may have replaced or closed them
         try:
-            function, payload = self.function(header, payload)
+            function = self.function(header["d"])
             inputs = serialize.unpack_items(header.get("z"), payload)
             parent = f"{job.hex()}:{self.name}"  # (nested jobs name their caller)
             if os.environ.get("BURLA_PARENT") != parent:
