@@ -1205,16 +1205,25 @@ class Scheduler:
 
 
 def fit(state):
-    """A STATE that packs into one frame: failures' tracebacks, then failures, then bars go while it does not."""
+    """A STATE that packs into one frame: failures' tracebacks, then failures, then bars go while it does not;
+    then, halving each list while it still does not, ended jobs, workers (the least busy first: nworkers still
+    counts them all; a thousand 8-GPU workers alone fill a frame) and running jobs."""
+    def fits():
+        return len(msgpack.packb(state)) <= P.FRAME_MAX - 1024
+
     records = state["jobs"] + state["recent"]
     for strip in (("failures", "tb"), ("failures",), ("bars",)):
-        if len(msgpack.packb(state)) <= P.FRAME_MAX - 1024:
-            break
+        if fits():
+            return state
         for r in records:
             if len(strip) == 2:
                 r[strip[0]] = [{k: v for k, v in f.items() if k != strip[1]} for f in r.get(strip[0], ())]
             else:
                 r.pop(strip[0], None)
+    state["workers"].sort(key=lambda w: -w["busy"])
+    for key in ("recent", "workers", "jobs"):
+        while state[key] and not fits():
+            del state[key][len(state[key]) // 2:]
     return state
 
 

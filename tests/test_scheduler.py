@@ -316,3 +316,24 @@ def test_a_detached_job_done_before_its_seal_still_tells_its_uploader(tmp_path):
     s.committed()
     (_, _, spooled, _), = wire.take(CLIENT, P.SPOOLED)
     assert (spooled["n"], spooled["sealed"]) == (1, 1)
+
+
+def test_a_state_of_many_big_workers_still_fits_one_frame(tmp_path):
+    """A thousand workers with long names and 64 GPUs each make a STATE of about 4 MB, which no frame carries:
+    STATUS went unanswered and every dashboard went blank. The busiest workers are listed, all are counted."""
+    import msgpack
+
+    s, wire, _ = cluster(tmp_path)
+    for k in range(1000):
+        s.handle(b"w%d" % k, None, P.REGISTER, {"w": f"{k:04d}" + "w" * 124, "host": "h" * 256, "slots": 8,
+                                                "cpu": 8, "ram": 32, "gpu": ["G" * 64] * 64}, [])
+    submit(s, 3)
+    s.dispatch()
+    state = s.state()
+    assert len(msgpack.packb(state)) <= P.FRAME_MAX
+    assert state["nworkers"] == 1001 and 10 < len(state["workers"]) < 1001
+    assert state["workers"][0]["id"] == "w" and state["workers"][0]["busy"] == 1  # (the one running the job)
+    assert [j["id"] for j in state["jobs"]] == [JOB.hex()]
+    s.handle(CLIENT, None, P.STATUS, {}, [])
+    (_, _, answer, _), = wire.take(CLIENT, P.STATUS)
+    assert answer["nworkers"] == 1001
