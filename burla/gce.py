@@ -449,8 +449,8 @@ def up(project, zone, workers, machine_type="n2-standard-4", name="burla", spot=
 
 
 def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
-    """Show VMs created, booted (RUNNING) and joined (their worker registered, all its slots too) until all workers have joined: a
-    progress bar on a terminal, a line per change otherwise."""
+    """Show VMs created, booted (RUNNING) and joined (their worker registered, and all its slots: they dial one by
+    one) until all workers have joined: a progress bar on a terminal, a line per change otherwise."""
     import sys
 
     from burla.client import cluster_state
@@ -467,12 +467,11 @@ def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
             running = sum(1 for i in vms if i.status == "RUNNING")
             try:
                 state = cluster_state(address, timeout=3.0, api_key=api_key)
-                # joined: registered with every slot it has (a new worker's slots dial one by one)
-                joined = sum(1 for w in state.get("workers", ()) if w["id"].startswith(f"{name}-worker-") and
-                             w["slots"] >= w.get("of", 0))
-                broker = "answers"
+                listed = {w["id"]: w for w in state.get("workers", ()) if w["id"].startswith(f"{name}-worker-")}
+                short = [w for w in listed.values() if w["slots"] < w.get("of", 0)]
+                joined, broker = len(listed) - len(short), "answers"
             except (TimeoutError, OSError):
-                joined, broker = 0, "not answering yet"
+                listed, short, joined, broker = {}, [], 0, "not answering yet"
             now = (len(vms), running, joined, broker)
             if now != last:
                 text = f"worker VMs: {len(vms)} created, {running} booted, {joined}/{workers} joined; broker {broker}"
@@ -486,13 +485,16 @@ def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
             if joined >= workers:
                 return
             if time.monotonic() > deadline:
-                late = [(z, i.name) for z, i in compute.cluster(name) if i.labels.get(ROLE) == "worker" and
-                        i.name not in {w["id"] for w in state.get("workers", ())}] if broker == "answers" else \
-                    [(z, i.name) for z, i in compute.cluster(name) if i.labels.get(ROLE) == "head"]
+                # the VM to show: the head if its broker does not answer, else a worker not (or not all) there
+                role = "worker" if broker == "answers" else "head"
+                vms = compute.cluster(name)
+                late = [(z, i.name) for z, i in vms if i.labels.get(ROLE) == role and i.name not in listed] + \
+                    [(z, i.name) for z, i in vms if i.name in {w["id"] for w in short}]
                 tail = compute.serial_output(*late[0]) if late else ""
+                slots = "".join(f" ({w['id']} has {w['slots']} of its {w['of']} slots)" for w in short[:3])
                 raise CloudError(
-                    f"only {joined} of {workers} workers joined within {seconds / 60:g} minutes. The VMs are up (and "
-                    f"cost money): `burla cluster down --name {name}` deletes them."
+                    f"only {joined} of {workers} workers joined within {seconds / 60:g} minutes{slots}. The VMs are "
+                    f"up (and cost money): `burla cluster down --name {name}` deletes them."
                     + (f" The end of {late[0][1]}'s boot (`gcloud compute instances get-serial-port-output "
                        f"{late[0][1]} --zone {late[0][0]}`):\n{tail}" if tail else ""))
             time.sleep(2.0)

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import threading
 import time
+import types
 import zipfile
 
 import pytest
@@ -306,3 +307,51 @@ def test_cluster_status_json(fake, cli_env, capsys):
     assert cli("status") == 0
     table = capsys.readouterr().out
     assert "SLOTS" in table and "cost so far about $" in table and "the broker did not answer" in table
+
+
+def test_up_waits_for_every_slot_of_a_worker_and_names_one_that_lacks_some(fake, compute, tmp_path, new_cluster):
+    """A worker's slots dial one by one after it registers: `up` counts a worker joined once all have, so a job
+    right after it has every slot; one that never gets them all is named with its count."""
+    import zmq
+
+    from burla import protocol as P
+
+    up(compute, tmp_path)
+    ctx = zmq.Context()
+    socks = []
+    try:
+        for worker, ready in (("t1-worker-0", 2), ("t1-worker-1", 1)):
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(new_cluster.address)
+            P.send(sock, P.REGISTER, {"w": worker, "host": worker, "slots": 2, "cpu": 2, "ram": 8})
+            socks.append(sock)
+            for k in range(ready):
+                slot = ctx.socket(zmq.DEALER)
+                slot.connect(new_cluster.address)
+                P.send(slot, P.READY, {"w": worker, "s": P.slot_name(worker, k), "k": 1})
+                socks.append(slot)
+        new_cluster.wait_for(2, slots=3)
+        fake.booter = types.SimpleNamespace(serial=lambda zone, name: f"the serial output of {name}")
+        said, done = [], threading.Event()
+
+        def beat():  # (the broker drops a worker that stops sending heartbeats)
+            while not done.wait(0.2):
+                for sock, worker in ((socks[0], "t1-worker-0"), (socks[3], "t1-worker-1")):
+                    P.send(sock, P.HEARTBEAT, {"w": worker})
+
+        beating = threading.Thread(target=beat)
+        beating.start()
+        try:
+            with pytest.raises(gce.CloudError) as e:
+                gce.wait_until_joined(compute, "t1", new_cluster.address, None, 2, 1, said.append)
+        finally:
+            done.set()
+            beating.join()
+        assert "only 1 of 2 workers joined" in str(e.value) and "(t1-worker-1 has 1 of its 2 slots)" in str(e.value)
+        assert str(e.value).endswith("t1-worker-1's boot (`gcloud compute instances get-serial-port-output t1-worker-1 "
+                                     "--zone us-central1-a`):\nthe serial output of t1-worker-1")
+        assert said[-1].endswith("1/2 joined; broker answers"), said
+    finally:
+        for sock in socks:
+            sock.close(0)
+        ctx.term()
