@@ -2,7 +2,8 @@
 """Burla side by side with local peers (multiprocessing.Pool, ProcessPoolExecutor, loky, Dask, Ray).
 
     python benchmarks/bench.py [--workers N] [--repeats R] [--quick] [--out benchmarks/RESULTS.md]
-    python benchmarks/bench.py --quick --peers burla,pool    # the smoke run CI does (tests/test_benchmarks.py)
+    python benchmarks/bench.py --quick --peers burla,pool,ppe    # the smoke runs CI does (tests/test_benchmarks.py)
+    python benchmarks/bench.py --quick --peers burla,loky,dask,ray --cases warm,tiny
 
 Every (peer, case, repeat) runs in a fresh subprocess of this script (--peer NAME --case CASE), which prints one
 JSON line: peers never share a machine state with one another, and cold start is a real cold start. The table
@@ -318,7 +319,10 @@ def run_child(peer, case, args):
     # A private temporary folder per child, removed afterwards: what a killed child leaves (burla's ipc
     # folder, Ray's session, Dask's worker space) goes with it.
     scratch = tempfile.mkdtemp(prefix="bench-")
-    env = dict(os.environ, TMPDIR=scratch, RAY_TMPDIR=scratch)
+    # (Ray's session sockets take some 60 more characters, and a socket's path is at most 107: under a long
+    # TMPDIR, such as a test's, Ray's session goes in a short folder of its own in /tmp)
+    ray_dir = scratch if len(scratch) < 40 else tempfile.mkdtemp(prefix="bench-ray-", dir="/tmp")
+    env = dict(os.environ, TMPDIR=scratch, RAY_TMPDIR=ray_dir)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     problem = None
@@ -333,7 +337,8 @@ def run_child(peer, case, args):
         print(f"    ({LABELS[peer]}, {case}: {problem}; its stderr ends with:)\n{err[-4000:]}", file=sys.stderr)
     finally:
         kill_group(proc.pid)
-        shutil.rmtree(scratch, ignore_errors=True)
+        for folder in {scratch, ray_dir}:
+            shutil.rmtree(folder, ignore_errors=True)
     lines = [line for line in out.splitlines() if line.startswith("{")]
     if lines:
         result = json.loads(lines[-1])

@@ -82,6 +82,17 @@ def test_bench_quick(tmp_path):
                   "| client RSS growth", "| 10,000 submit() calls"))
 
 
+def test_bench_quick_against_loky_dask_and_ray(tmp_path):
+    """The third-party peers' paths in bench.py, which would otherwise rot unseen: two cases only, since Ray starts
+    a cluster for every case (some 7 s each). A peer that fails shows "fail", not an error: none may here."""
+    rc, out = run_benchmark(tmp_path, "benchmarks/bench.py", "--quick", "--peers", "burla,loky,dask,ray",
+                            "--cases", "warm,tiny")
+    assert_table(rc, out, "| case | goal | burla | loky | Dask distributed | Ray |",
+                 ("| warm latency", "| 10,000 tiny calls"))
+    rows = [line for line in out.splitlines() if line.startswith(("| warm latency", "| 10,000 tiny calls"))]
+    assert not any(cell.strip() in ("fail", "timeout", "n/a") for row in rows for cell in row.split("|")), rows
+
+
 def test_envs_quick(tmp_path):
     assert_table(*run_benchmark(tmp_path, "benchmarks/envs.py", "--quick"), "| what | median |",
                  ("| pin the client's own environment", "| resolve packages=['burla_bench_tiny==1.0'] with pip-compile",
