@@ -1,5 +1,7 @@
 """retries, timeout, return_exceptions; calls that crash their executor; cancel that really stops running calls."""
 
+import functools
+import operator
 import os
 import random
 import signal
@@ -7,13 +9,12 @@ import subprocess
 import sys
 import time
 
-from unittest.mock import ANY
-
 import psutil
 import pytest
 
 import burla
-from burla import remote_parallel_map
+from burla import protocol as P
+from burla import remote_parallel_map, serialize
 
 
 @pytest.fixture
@@ -221,54 +222,75 @@ def triple(x):
     return x * 3
 
 
-@pytest.mark.timeout(30)
-def test_a_function_whose_first_task_never_ran_still_serves_the_next_job():
-    """The broker sends a slot each function once, with the first TASK that needs it. That task may never run:
-    its job is cancelled while it waits behind another. The slot must keep the function all the same: a later
-    job of the same function is sent without it (this once failed every call with a KeyError). Here the test is
-    the broker of a real executor. The functions' LRU order is kept as the broker counts it, so a function the
-    broker still counts as sent is never the one an executor dropped."""
-    from burla import protocol as P
-    from burla import serialize
+class ExecutorUnderTest:
+    """A real executor process, and the test as its broker: TASKs in, RESULTs out."""
 
-    import zmq
+    def __init__(self):
+        import zmq
 
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    code = f"import burla.worker.executor as e; e.main('tcp://127.0.0.1:{port}', 'w', 0)"
-    executor = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.path.dirname(
-        __file__)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    router.setsockopt(zmq.RCVTIMEO, 15_000)
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.RCVTIMEO, 15_000)
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        code = f"import burla.worker.executor as e; e.main('tcp://127.0.0.1:{port}', 'w', 0)"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=os.path.dirname(
+            __file__)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ident, _, command, _, _ = P.recv_routed(self.router, False)
+        assert command == P.READY
 
-    def task(job, function, values, carry):
+    def task(self, job, function, values, carry):
+        """carry: the function goes with it (the broker's first TASK of that function to this slot)."""
         data, digest = serialize.dumps_function(function)
         z, frames = serialize.pack_items(values)
         header = {"j": job, "i": 0, "n": len(values), "d": digest, "z": z}
         if carry:
             header["f"] = 1
-        P.send(router, P.TASK, header, [data] * carry + frames, ident=ident)
+        P.send(self.router, P.TASK, header, [data] * carry + frames, ident=self.ident)
 
-    def result(job):
+    def result(self, job):
         while True:
-            _, _, command, header, payload = P.recv_routed(router, False)
+            _, _, command, header, payload = P.recv_routed(self.router, False)
             if command == P.RESULT and header["j"] == job:
-                assert not header.get("e"), header  # (their message said KeyError)
-                return header, serialize.unpack_items(header.get("z"), payload[:header["k"]])
+                assert not header.get("e"), header  # (the bugs below said KeyError)
+                return serialize.unpack_items(header.get("z"), payload[:header["k"]])
 
-    try:
-        ident, _, command, _, _ = P.recv_routed(router, False)
-        assert command == P.READY
-        busy, cancelled, again = b"busy0000", b"cancel00", b"again000"
-        task(busy, sleep_then_double, [0.5], carry=True)  # the executor is busy for half a second...
-        task(cancelled, triple, [1, 2], carry=True)  # ...while triple's first task waits, and is cancelled
-        P.send(router, P.CANCEL, {"j": cancelled}, ident=ident)
-        assert result(busy) == ({"j": busy, "i": 0, "o": 0, "k": 1, "e": [], "f": 1, "w": "w/0", "t": ANY, "z": ANY}, [1.0])
-        task(again, triple, [3, 4], carry=False)  # the same function, not sent again
-        header, values = result(again)
-        assert values == [9, 12], header
-    finally:
-        executor.kill()
-        executor.wait(10)
-        router.close(0)
-        ctx.term()
+    def close(self):
+        self.proc.kill()
+        self.proc.wait(10)
+        self.router.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def executor():
+    e = ExecutorUnderTest()
+    yield e
+    e.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_function_whose_first_task_never_ran_still_serves_the_next_job(executor):
+    """The broker sends a slot each function once, with the first TASK that needs it. That task may never run:
+    its job is cancelled while it waits behind another. The slot must keep the function all the same: a later
+    job of the same function is sent without it (this once failed every call with a KeyError)."""
+    busy, cancelled, again = b"busy0000", b"cancel00", b"again000"
+    executor.task(busy, sleep_then_double, [0.5], carry=True)  # the executor is busy for half a second...
+    executor.task(cancelled, triple, [1, 2], carry=True)  # ...while triple's first task waits, and is cancelled
+    P.send(executor.router, P.CANCEL, {"j": cancelled}, ident=executor.ident)
+    assert executor.result(busy) == [1.0]
+    executor.task(again, triple, [3, 4], carry=False)  # the same function, not sent again
+    assert executor.result(again) == [9, 12]
+
+
+@pytest.mark.timeout(30)
+def test_an_executor_keeps_the_functions_the_broker_counts_as_sent(executor):
+    """Both ends keep the last P.FUNCTION_CACHE functions in the order the broker sent them. A function sent again
+    (as after a READY, when the broker starts its count anew) is the newest at both ends; the executor once kept
+    it where it was, dropped it first, and its next task failed."""
+    functions = [functools.partial(operator.add, k) for k in range(P.FUNCTION_CACHE + 1)]
+    for k, f in enumerate(functions[:-1]):
+        executor.task(b"job%05d" % k, f, [1], carry=True)
+    executor.task(b"again-0", functions[0], [1], carry=True)  # sent again: the newest
+    executor.task(b"newest0", functions[-1], [1], carry=True)  # the broker now drops functions[1], the oldest
+    executor.task(b"first-0", functions[0], [10], carry=False)
+    assert executor.result(b"first-0") == [10]

@@ -211,6 +211,7 @@ class Executor:
 
                 config.executor_api_key = header["ak"]  # (not in os.environ: children's environments are public)
             self.functions[digest] = list(payload[:frames])
+            self.functions.move_to_end(digest)  # (sent again after a READY: the broker counts it as new)
             if len(self.functions) > P.FUNCTION_CACHE:
                 self.functions.popitem(last=False)
             return payload[frames:]
