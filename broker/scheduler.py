@@ -1127,9 +1127,7 @@ class Scheduler:
             payload = [*job.function, *payload]
             if self.keys is not None and job.owner:  # nested calls go to this cluster as the same user
                 header["ak"] = self.keys.api_key_of(job.owner)
-            slot.functions[job.digest] = True
-            if len(slot.functions) > P.FUNCTION_CACHE:
-                slot.functions.popitem(last=False)
+            P.cache_function(slot.functions, job.digest, True)
         if not self.send(slot.ident, P.TASK, header, payload, strict=True):
             job.queue.appendleft(batch)
             self.remove_slot(slot, "unreachable")

@@ -487,9 +487,9 @@ def wait_until_joined(compute, name, address, api_key, workers, seconds, say):
             if time.monotonic() > deadline:
                 # the VM to show: the head if its broker does not answer, else a worker not (or not all) there
                 role = "worker" if broker == "answers" else "head"
-                vms = compute.cluster(name)
+                vms, partial = compute.cluster(name), {w["id"] for w in short}
                 late = [(z, i.name) for z, i in vms if i.labels.get(ROLE) == role and i.name not in listed] + \
-                    [(z, i.name) for z, i in vms if i.name in {w["id"] for w in short}]
+                    [(z, i.name) for z, i in vms if i.name in partial]
                 tail = compute.serial_output(*late[0]) if late else ""
                 slots = "".join(f" ({w['id']} has {w['slots']} of its {w['of']} slots)" for w in short[:3])
                 raise CloudError(

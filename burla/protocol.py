@@ -137,6 +137,15 @@ def window(slots):
     return max(4, PREFETCH * slots + 2)
 
 
+def cache_function(functions, digest, value):
+    """Both ends of a slot keep its functions alike (an OrderedDict, the newest last): the broker sends a function
+    only when this says the slot lacks it, so the two must add, renew and drop in the same order."""
+    functions[digest] = value
+    functions.move_to_end(digest)  # (sent again, as after a READY: the newest)
+    if len(functions) > FUNCTION_CACHE:
+        functions.popitem(last=False)
+
+
 def slot_name(worker_id, index):
     return f"{worker_id}/{index}"
 

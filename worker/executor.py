@@ -52,8 +52,8 @@ class Executor:
         self.control_fd = control_fd  # from the worker: b"R" = say READY again; end of file = exit
         self.token = token
         self.where_fd = where_fd  # see P.WHERE
-        # digest -> the function, or its pickle's frames (a list) until a task first runs it; in the broker's LRU
-        # order (Slot.functions), which counts a function as this slot's from the TASK that carried it on
+        # digest -> the function, or its pickle's frames (a list) until a task first runs it; kept as the broker
+        # keeps Slot.functions (P.cache_function), which counts a function as this slot's from the TASK that carried it
         self.functions = collections.OrderedDict()
         self.tasks = collections.deque()
         self.sink = LogSink()
@@ -210,10 +210,7 @@ class Executor:
                 from burla import config
 
                 config.executor_api_key = header["ak"]  # (not in os.environ: children's environments are public)
-            self.functions[digest] = list(payload[:frames])
-            self.functions.move_to_end(digest)  # (sent again after a READY: the broker counts it as new)
-            if len(self.functions) > P.FUNCTION_CACHE:
-                self.functions.popitem(last=False)
+            P.cache_function(self.functions, digest, list(payload[:frames]))
             return payload[frames:]
         if digest in self.functions:
             self.functions.move_to_end(digest)
