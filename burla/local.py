@@ -19,6 +19,19 @@ _lock = threading.Lock()
 _cluster = None
 
 
+SOCKET_PATH_MAX = 107  # bytes in a Unix socket's path (sun_path, less its NUL)
+
+
+def private_folder():
+    """A new 0700 folder for the cluster's socket, in the temporary folder unless that is so deep that the socket's
+    path would be too long for Unix (a test's, a job scheduler's TMPDIR): then in /tmp."""
+    folder = tempfile.mkdtemp(prefix="burla-")
+    if len(os.fsencode(folder)) + len("/broker") <= SOCKET_PATH_MAX:
+        return folder
+    os.rmdir(folder)
+    return tempfile.mkdtemp(prefix="burla-", dir="/tmp")
+
+
 class LocalCluster:
     def __init__(self, slots=None, directory=None):
         from burla.worker.worker import host_resources
@@ -29,7 +42,7 @@ class LocalCluster:
         # for every slot at the default func_ram=4.
         self.ram = max(ram, 4.0 * self.slots)
         self.owns_dir = directory is None
-        self.dir = directory or tempfile.mkdtemp(prefix="burla-")
+        self.dir = directory or private_folder()
         self.address = f"ipc://{self.dir}/broker"
         read, self._pipe = os.pipe()
         # Workers import the client's modules by name (functions cloudpickle sends by reference), so they get

@@ -30,6 +30,18 @@ def test_quickstart_runs_verbatim(tmp_path):
     assert wait_gone(str(tmp_path)) == []
 
 
+def test_a_deep_temporary_folder_still_gets_a_cluster(tmp_path):
+    """A Unix socket's path holds at most 107 bytes: under a TMPDIR that deep (a test runner's, a batch system's)
+    the embedded cluster could not bind its socket and every call failed with "File name too long"."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    env = dict(os.environ, TMPDIR=str(deep))
+    proc = subprocess.run([sys.executable, "-c", "from burla import remote_parallel_map as m; "
+                           "print(m(abs, [-1, -2], spinner=False))"], capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "[1, 2]", proc.stderr
+
+
 def test_cluster_reused_and_stopped_at_exit(run_script, tmp_path):
     proc = run_script("""
         import os
