@@ -26,8 +26,10 @@ def free_port():
 
 
 class SecureCluster:
-    def __init__(self, tmp_path, worker_user=None):
-        """worker_user: (uid, home) to run the worker as that unprivileged user."""
+    def __init__(self, tmp_path, worker_user=None, worker_prelude=None):
+        """worker_user: (uid, home) to run the worker as that unprivileged user; worker_prelude: Python the worker
+        process runs first (to break one of its parts)."""
+        self.worker_prelude = worker_prelude
         self.state = tmp_path / "state"
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.env = dict(os.environ, PYTHONPATH=HERE, BURLA_HEARTBEAT_INTERVAL="0.5")
@@ -54,7 +56,11 @@ class SecureCluster:
         raise TimeoutError("secure cluster did not come up")
 
     def start(self, *args, env=None, **kwargs):
-        proc = subprocess.Popen([sys.executable, "-m", "burla", *args], env=env or self.env, **kwargs)
+        command = [sys.executable, "-m", "burla", *args]
+        if args[0] == "worker" and self.worker_prelude:
+            command = [sys.executable, "-c", f"{self.worker_prelude}\nimport sys; from burla.cli import main; "
+                       f"sys.exit(main({list(args)!r}))"]
+        proc = subprocess.Popen(command, env=env or self.env, **kwargs)
         self.procs.append(proc)
         return proc
 
@@ -245,3 +251,22 @@ def test_an_executor_whose_handshake_is_never_answered_dials_again(tmp_path):
         listener.close()
     assert len(held) == 3
     assert "handshake with the broker" in err and "no answer" in err and "dialling again" in err, err
+
+
+def test_a_slot_whose_zygote_failed_after_forking_still_joins(tmp_path):
+    """A zygote that forks an executor but answers too late (a first boot importing on a loaded VM): the worker
+    gives up on it and starts a fresh interpreter instead, which must not get the key the first executor already
+    read from their shared pipe (it would dial with no key and never join); it gets a fresh one."""
+    prelude = ("import time, burla.worker.zygote as z\n"
+               "fork = z.Zygote.fork\n"
+               "def late(self, *args):\n"
+               "    fork(self, *args)\n"
+               "    time.sleep(1.0)\n"  # (its executor has read its key by now)
+               "    raise OSError('no message')\n"
+               "z.Zygote.fork = late")
+    cluster = SecureCluster(tmp_path, worker_prelude=prelude)  # (it waits for both slots, or raises)
+    try:
+        assert remote_parallel_map(lambda x: os.getpid(), range(20), cluster=cluster.address,
+                                   api_key=cluster.api_key, spinner=False)
+    finally:
+        cluster.stop()

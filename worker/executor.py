@@ -549,7 +549,9 @@ def main(broker, worker_id, slot, control_fd=None, token=None, where_fd=None, en
     security.hide_process()  # other processes of this user (another owner's executors) cannot read our memory
     if isinstance(token, int):  # a pipe holding the slot's key
         with os.fdopen(token, "rb") as f:
-            token = f.read().decode() or None
+            token = f.read().decode()
+        if not token:  # read already (by an executor its zygote forked too late): without a key we would wait
+            raise SystemExit("burla executor: its slot key pipe was empty")  # forever; the worker starts another
     if isinstance(control_fd, str):
         control_fd = os.open(control_fd, os.O_RDONLY | os.O_NONBLOCK)
     if isinstance(where_fd, str):

@@ -223,7 +223,7 @@ class Worker:
             P.send(self.sock, P.SLOT_KEY, {"w": self.id, "s": P.slot_name(self.id, index),
                                            "p": self.slot_keys[index], "new": new})
 
-    def start_slot(self, slot, fork):
+    def start_slot(self, slot, fork, zygote=True):
         slot.container = slot.zygote = None
         credential = self.slot_credential(slot)
         if slot.env is not None and slot.env.image:
@@ -234,7 +234,7 @@ class Worker:
         key = slot.env.key if slot.env else self.own_env
         secret = self.credential_fd(credential)
         fds = [read, slot.where.fileno()] + ([secret] if secret is not None else [])
-        if not fork:  # a restart, or another environment: forked by that environment's zygote
+        if not fork and zygote:  # a restart, or another environment: forked by that environment's zygote
             try:
                 zygote = self.zygote(slot.env)
                 pid = zygote.fork({"slot": slot.index, "broker": self.broker, "worker": self.id, "key": key}, fds)
@@ -244,11 +244,15 @@ class Worker:
                     os.close(secret)
                 self.record_start(slot, pid, write)
                 return
-            except OSError as e:  # it could not start: a fresh interpreter, as below
-                log.warning("zygote for environment %s failed (%s)", key, e)
+            except OSError as e:  # it could not start: a fresh interpreter, with a fresh key (the zygote may
+                log.warning("zygote for environment %s failed (%s)", key, e)  # have forked one that read this one)
                 broken = self.zygotes.pop(key, None)
                 if broken is not None:
                     broken.close()
+                for fd in (read, write, secret):
+                    if fd is not None:
+                        os.close(fd)
+                return self.start_slot(slot, fork=False, zygote=False)
         if fork:
             pid = os.fork()
             if pid == 0:  # the executor
