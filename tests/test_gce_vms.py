@@ -52,7 +52,8 @@ def cluster_up(cloud, tmp_path, name, **kwargs):
     try:
         address = gce.up(**options)
     except BaseException:
-        print("\n".join(said), booter.logs(f"{name}-head"), booter.logs(f"{name}-worker-0"), sep="\n")
+        workers = sorted({e.rsplit("-", 1)[0] for e in os.listdir(booter.root) if e.startswith(f"{name}-worker-")})
+        print("\n".join(said), booter.logs(f"{name}-head"), *map(booter.logs, workers), sep="\n")
         raise
     return address, said, options["compute"]
 

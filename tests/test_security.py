@@ -270,3 +270,74 @@ def test_a_slot_whose_zygote_failed_after_forking_still_joins(tmp_path):
                                    api_key=cluster.api_key, spinner=False)
     finally:
         cluster.stop()
+
+
+def test_an_executor_refused_before_its_first_ready_dials_again(secure):
+    """An executor that dials before its worker announced its key is refused, and ZeroMQ then has no connection
+    left on that socket, and dials no more: a READY sent after that (a blocking send) waited forever, and the slot
+    never joined (seen on a replacement VM, one time in four under load). Here the refusal always comes first: the
+    executor waits 2 s after dialling, the key is announced after 0.5 s."""
+    credential, public = security.slot_credential(secure.token)
+    key = secure.state / "late-key"
+    security.write_private(key, credential)
+    dialled = secure.state / "late-dialled"
+    code = ("import time, burla.worker.executor as e\n"
+            "dial = e.Executor.dial\n"
+            "def late(self):\n"
+            "    dial(self)\n"
+            f"    open({str(dialled)!r}, 'a').close()\n"
+            "    time.sleep(2.0)\n"
+            "e.Executor.dial = late\n"
+            f"e.main({secure.address!r}, 'late', 0, token=open({str(key)!r}).read())")
+    executor = subprocess.Popen([sys.executable, "-c", code], env=dict(secure.env))
+    ctx = zmq.Context()
+    worker = P.socket(ctx, zmq.DEALER, credential=secure.token, role=security.WORKER)
+    try:
+        worker.connect(secure.address)
+        deadline = time.monotonic() + 15
+        while not dialled.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # (its handshake is refused meanwhile: its key is not announced yet)
+        P.send(worker, P.REGISTER, {"w": "late", "host": "late", "slots": 1, "cpu": 1, "ram": 1})
+        P.send(worker, P.SLOT_KEY, {"w": "late", "s": "late/0", "p": public, "new": 1})
+        deadline, slots = time.monotonic() + 10, None
+        while time.monotonic() < deadline and slots != 1:
+            P.send(worker, P.HEARTBEAT, {"w": "late"})
+            while worker.poll(0):
+                worker.recv_multipart()
+            late = [w for w in cluster_state(secure.address, 2, secure.api_key)["workers"] if w["id"] == "late"]
+            slots = late[0]["slots"] if late else None
+            time.sleep(0.2)
+        assert slots == 1, "the executor's READY never came"
+    finally:
+        executor.kill()
+        executor.wait()
+        worker.close(0)
+        ctx.term()
+
+
+def test_ready_after_a_refused_handshake_does_not_block(secure):
+    """The cause of the above, deterministically: after a refusal a blocking send on that socket never returns
+    (an executor's READY, or the RESULT of a call that ran while the broker restarted, which refuses its key until
+    its worker tells it again)."""
+    from burla.worker.executor import Executor
+
+    credential, _ = security.slot_credential(secure.token)  # (never announced: refused)
+    executor = Executor(secure.address, "refused", 0, token=credential)
+    executor.ctx, executor.sock, executor.handshakes = zmq.Context(), None, None
+    try:
+        executor.dial()
+        assert executor.handshakes.poll(5000), "no handshake event"
+        time.sleep(0.1)
+        for what, send in (("READY", executor.ready_unlocked),  # (and a batch's result, after a broker restart)
+                           ("RESULT", lambda: executor.reply({"j": b"j" * 8, "i": 0}, [b"x"], []))):
+            sent = threading.Thread(target=send, daemon=True)
+            sent.start()
+            sent.join(3)
+            assert not sent.is_alive(), f"{what} blocked on a socket whose handshake was refused"
+        assert executor.handshake(), "the refusal did not make it dial again"
+    finally:
+        executor.sock.close(0)
+        executor.handshakes.close(0)
+        executor.ctx.term()
+

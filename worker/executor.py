@@ -118,7 +118,7 @@ class Executor:
             if old is not None:
                 old.close(0)
         self.sock, self.poller = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.SLOT), None
-        self.handshakes = self.sock.get_monitor_socket(HANDSHAKE_EVENTS) if self.token else None
+        self.handshakes = P.monitor(self.sock, HANDSHAKE_EVENTS) if self.token else None
         self.dialled, self.shaken = time.monotonic(), False
         self.sock.connect(self.broker)
 
@@ -187,8 +187,18 @@ class Executor:
             self.ready_unlocked()
 
     def ready_unlocked(self):
-        P.send(self.sock, P.READY, {"w": self.worker_id, "s": self.name, "k": P.PREFETCH, "pid": os.getpid(),
-                                    "env": self.env})
+        self.send(P.READY, {"w": self.worker_id, "s": self.name, "k": P.PREFETCH, "pid": os.getpid(), "env": self.env})
+
+    def send(self, command, header, frames=()):
+        """Every send of ours (the socket lock held), never blocking. ZeroMQ keeps a connection's queue while it
+        dials again, but once a handshake is refused (we dialled before the worker announced our key, or a broker
+        that restarted does not know it yet) no queue is left and it dials no more: a blocking send would wait
+        forever. What cannot go is dropped: the refusal makes us dial again and say READY, and the broker runs
+        again what we held."""
+        try:
+            P.send(self.sock, command, header, frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
 
     def handle(self, command, header, payload):
@@ -402,7 +412,7 @@ class Executor:
         frames = list(frames) + [exception_frame(e) for e in exceptions]
         with self.lock:
             self.send_lines(header["j"], header["w"])  # the batch's output goes before its result
-            P.send(self.sock, P.RESULT, header, frames)
+            self.send(P.RESULT, header, frames)
 
     def log_loop(self):
         while True:
@@ -423,11 +433,11 @@ class Executor:
         """Send the lines collected so far (the socket lock held), in LOG messages of about LOG_TEXT bytes."""
         for lines in self.sink.messages():
             try:
-                P.send(self.sock, P.LOG, {"j": job, "w": slot, "l": lines})
+                self.send(P.LOG, {"j": job, "w": slot, "l": lines})
             except (TypeError, ValueError):  # text msgpack cannot encode (cleaned on the way in: never expected)
                 for line in lines:
                     line[2] = clean(str(line[2]))
-                P.send(self.sock, P.LOG, {"j": job, "w": slot, "l": lines})
+                self.send(P.LOG, {"j": job, "w": slot, "l": lines})
 
     def capture_output(self):
         """sys.stdout and sys.stderr as Captures, and fds 1 and 2 pipes read into the same sink."""
