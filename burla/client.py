@@ -80,7 +80,7 @@ class Connection:
         """Watch a job socket's connection: after it breaks and is made again (a new connection, as the broker
         sees it), the job must be attached again."""
         if sock not in self.monitors:
-            self.monitors[sock] = [sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED),
+            self.monitors[sock] = [P.monitor(sock, zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED),
                                    False]
         self.monitor_events(sock)  # (what happened while it was idle in the pool does not matter)
         return sock
@@ -104,7 +104,7 @@ class Connection:
         up, so a job is not judged abandoned while a big result is arriving). On a CURVE connection also watch the
         handshake, so that a refused API key is reported at once (self.refused) instead of as a silent broker."""
         sock = self.new_socket()
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.api_key else None
+        monitor = P.monitor(sock, zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.api_key else None
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         if monitor is not None:

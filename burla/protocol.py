@@ -6,6 +6,7 @@ broker and forwarded zero-copy. Inputs travel in batches of consecutive input in
 index of its first input ("i") and its length ("n").
 """
 
+import itertools
 import math
 import os
 import re
@@ -312,6 +313,16 @@ def send(sock, command, header, payload=(), ident=None, flags=0):
         # Large payloads go out zero-copy (a zmq.Frame is never copied: the broker forwards what it received).
         copy = type(frame) is bytes and len(frame) < _COPY_BELOW
         _send_frame(sock, frame, more if k < last else flags, copy)
+
+
+_monitors = itertools.count()
+
+
+def monitor(sock, events):
+    """A PAIR socket reporting these events of sock. On an address of its own: pyzmq's default names it after
+    the socket's file descriptor, which a socket made just after one was closed gets again while the old address
+    is still bound, and the call then fails (an executor dialling again after a refused handshake, say)."""
+    return sock.get_monitor_socket(events, addr=f"inproc://burla-monitor-{os.getpid()}-{next(_monitors)}")
 
 
 def monitor_event(monitor):

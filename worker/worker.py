@@ -595,7 +595,7 @@ class Worker:
             self.start_slot(slot, fork=hasattr(os, "fork") and not self.token)
         self.ctx = zmq.Context()
         self.sock = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.WORKER)
-        refused = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.token else None
+        refused = P.monitor(self.sock, zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.token else None
         self.sock.connect(self.broker)
         self.register()
         self.joined = None  # True once the broker answered a REGISTER; False while we register again; None: never
