@@ -220,8 +220,8 @@ class Worker:
     def send_announcements(self):
         while self.announce:
             index, new = self.announce.pop(0)  # new: a new executor's key (not one announced before)
-            P.send(self.sock, P.SLOT_KEY, {"w": self.id, "s": P.slot_name(self.id, index),
-                                           "p": self.slot_keys[index], "new": new})
+            self.send(P.SLOT_KEY, {"w": self.id, "s": P.slot_name(self.id, index), "p": self.slot_keys[index],
+                                   "new": new})
 
     def start_slot(self, slot, fork, zygote=True):
         slot.container = slot.zygote = None
@@ -385,7 +385,7 @@ class Worker:
             if slot.timed_out:
                 died["timeout"], slot.timed_out = 1, False
             slot.clear_where()
-            P.send(self.sock, P.SLOT_DIED, died)
+            self.send(P.SLOT_DIED, died)
             log.warning("executor %d exited with %s; restarting it", slot.index, code)
             early = time.monotonic() - slot.started < 1.0
             slot.early_deaths = slot.early_deaths + 1 if early else 0
@@ -394,7 +394,7 @@ class Worker:
                 # the jobs waiting for that environment end, and go back to the worker's own
                 del self.prepared[slot.env.key]
                 failed.add(slot.env.key)
-                P.send(self.sock, P.ENV, {"w": self.id, "k": slot.env.key, "st": "failed", "t": 0.0, "m": (
+                self.send(P.ENV, {"w": self.id, "k": slot.env.key, "st": "failed", "t": 0.0, "m": (
                     f"executors could not start in this environment (exit code {code}, 3 times in a row); "
                     "the worker's log says why")})
             respawn.append(slot)
@@ -453,8 +453,17 @@ class Worker:
                     pass
 
     # ---------------------------------------------------------------- loop
+    def send(self, command, header):
+        """Never blocking: a refused handshake (a token of another broker) leaves ZeroMQ no connection to queue on,
+        and a blocking send would wait forever instead of the loop saying why and exiting. (A broker that is down
+        or restarting keeps the queue: this drops nothing then.)"""
+        try:
+            P.send(self.sock, command, header, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
     def register(self):
-        P.send(self.sock, P.REGISTER, {
+        self.send(P.REGISTER, {
             "w": self.id, "host": self.host, "pid": os.getpid(), "slots": self.nslots,
             "cpu": self.cpu, "ram": self.ram, "gpu": self.gpus, "env": self.own_env, "ctr": self.runtime,
             "py": E.python(),
@@ -539,7 +548,7 @@ class Worker:
                 continue
             if len(event["m"]) > 16_000:  # (a header stays well under a frame, in any script; the end is the news)
                 event["m"] = "...\n" + event["m"][-16_000:]
-            P.send(self.sock, P.ENV, event)
+            self.send(P.ENV, event)
             slots = self.building.pop(event["k"], ()) if event["st"] in ("ready", "failed") else ()
             if event["st"] == "ready":
                 self.switch(slots, self.prepared[event["k"]])
@@ -650,7 +659,7 @@ class Worker:
                     self.rejoin()
                     heard = now
                 if now >= next_beat:
-                    P.send(self.sock, P.HEARTBEAT, {"w": self.id})
+                    self.send(P.HEARTBEAT, {"w": self.id})
                     next_beat = now + P.HEARTBEAT_INTERVAL
         finally:
             self.stop_executors()
