@@ -341,3 +341,45 @@ def test_ready_after_a_refused_handshake_does_not_block(secure):
         executor.handshakes.close(0)
         executor.ctx.term()
 
+
+
+def test_a_full_queue_holds_an_executors_sends_back_and_loses_none(monkeypatch):
+    """The other side of never blocking on a refused socket: a broker that reads slowly (a flood of output) must
+    still hold the executor back, not make it drop what it sends."""
+    from burla.worker.executor import Executor
+
+    small = P.socket
+    def socket(*args, **kwargs):  # (a short queue, to fill it fast)
+        sock = small(*args, **kwargs)
+        sock.sndhwm = 4
+        return sock
+    monkeypatch.setattr(P, "socket", socket)
+    ctx = zmq.Context()
+    public, secret = zmq.curve_keypair()
+    router = ctx.socket(zmq.ROUTER)  # a CURVE server admitting any key (no ZAP handler), that does not read yet
+    router.curve_secretkey, router.curve_publickey, router.curve_server, router.rcvhwm = secret, public, True, 4
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    executor = Executor(f"tcp://127.0.0.1:{port}", "full", 0,
+                        token=security.new_credential(security.SLOT, public))
+    executor.ctx, executor.sock, executor.handshakes = ctx, None, None
+    try:
+        executor.dial()
+        assert executor.handshakes.poll(5000), "no handshake event"
+        sent = threading.Thread(target=lambda: [executor.send(P.LOG, {"k": k}, [b"x" * 65536]) for k in range(200)],
+                                daemon=True)
+        sent.start()
+        sent.join(1.5)
+        assert sent.is_alive(), "200 messages of 64 KiB did not fill the queue"
+        got = 0
+        deadline = time.monotonic() + 20
+        while got < 200 and time.monotonic() < deadline:
+            if router.poll(500):
+                router.recv_multipart()
+                got += 1
+        sent.join(5)
+        assert got == 200 and not sent.is_alive(), f"{got} of 200 arrived"
+    finally:
+        executor.sock.close(0)
+        executor.handshakes.close(0)
+        router.close(0)
+        ctx.term()

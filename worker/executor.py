@@ -95,12 +95,14 @@ class Executor:
                     return
                 if self.worker_pidfd in events:
                     return  # the worker is gone
-                if self.handshakes is not None and (self.handshakes in events or not self.shaken) and \
-                        self.handshake():
-                    time.sleep(0.05)
-                    with self.lock:
-                        self.dial()
-                        self.ready_unlocked()
+                if self.handshakes is not None and (self.handshakes in events or not self.shaken):
+                    with self.lock:  # (send() looks at the monitor too, from the log thread)
+                        again = self.handshake()
+                    if again:
+                        time.sleep(0.05)
+                        with self.lock:
+                            self.dial()
+                            self.ready_unlocked()
             if self.reready:
                 self.reready = False
                 self.tasks.clear()
@@ -119,18 +121,15 @@ class Executor:
                 old.close(0)
         self.sock, self.poller = P.socket(self.ctx, zmq.DEALER, credential=self.token, role=security.SLOT), None
         self.handshakes = P.monitor(self.sock, HANDSHAKE_EVENTS) if self.token else None
-        self.dialled, self.shaken = time.monotonic(), False
+        self.dialled, self.shaken, self.failed = time.monotonic(), False, None
         self.sock.connect(self.broker)
 
     def handshake(self):
         """Whether to dial again: the CURVE handshake failed, or has not succeeded within HANDSHAKE_WAIT. ZeroMQ
         does not retry a handshake that failed, so a socket left like that would never carry our READY. (A refused
         key is the usual case: we dialled before the worker told the broker our key.)"""
-        failed = None
-        while self.handshakes.poll(0):
-            event = P.monitor_event(self.handshakes)
-            self.shaken = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
-            failed = None if self.shaken else event
+        self.watch()
+        failed = self.failed
         if failed is None and not self.shaken and time.monotonic() - self.dialled > HANDSHAKE_WAIT:
             failed = "timeout"
         if failed not in (None, zmq.EVENT_HANDSHAKE_FAILED_AUTH) and self.sink.fds is not None and \
@@ -139,6 +138,13 @@ class Executor:
             why = "no answer" if failed == "timeout" else zmq.Event(failed).name
             self.sink.fds.complain(f"the handshake with the broker at {self.broker} failed ({why}); dialling again")
         return failed is not None
+
+    def watch(self):
+        """Read the handshake events so far (the lock held): self.shaken, and self.failed if the last one failed."""
+        while self.handshakes.poll(0):
+            event = P.monitor_event(self.handshakes)
+            self.shaken = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+            self.failed = None if self.shaken else event
 
     def on_cancel_signal(self, *_):
         self.read_control()
@@ -190,15 +196,21 @@ class Executor:
         self.send(P.READY, {"w": self.worker_id, "s": self.name, "k": P.PREFETCH, "pid": os.getpid(), "env": self.env})
 
     def send(self, command, header, frames=()):
-        """Every send of ours (the socket lock held), never blocking. ZeroMQ keeps a connection's queue while it
-        dials again, but once a handshake is refused (we dialled before the worker announced our key, or a broker
-        that restarted does not know it yet) no queue is left and it dials no more: a blocking send would wait
-        forever. What cannot go is dropped: the refusal makes us dial again and say READY, and the broker runs
-        again what we held."""
-        try:
-            P.send(self.sock, command, header, frames, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
+        """Every send of ours (the socket lock held). A full queue waits, as a blocking send would: that is the
+        broker holding back a flood. But once a handshake is refused (we dialled before the worker announced our
+        key, or a broker that restarted does not know it yet) ZeroMQ has no queue left and dials no more, and a
+        blocking send would wait forever. Then the message is dropped: the refusal makes us dial again and say
+        READY, and the broker runs again what we held."""
+        while True:
+            try:
+                P.send(self.sock, command, header, frames, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if self.sock.poll(50, zmq.POLLOUT) or self.handshakes is None:
+                    continue
+                self.watch()
+                if self.failed is not None:
+                    return
 
 
     def handle(self, command, header, payload):
