@@ -34,6 +34,13 @@ class SecureCluster:
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.env = dict(os.environ, PYTHONPATH=HERE, BURLA_HEARTBEAT_INTERVAL="0.5")
         self.procs = []
+        try:
+            self.come_up(worker_user)
+        except BaseException:  # (a test whose cluster never came up leaves nothing running)
+            self.stop()
+            raise
+
+    def come_up(self, worker_user):
         self.broker = self.start("broker", "--bind", self.address, "--state-dir", str(self.state),
                                  stdout=subprocess.PIPE, text=True)
         banner = [self.broker.stdout.readline() for _ in range(3)]
