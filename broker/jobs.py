@@ -129,6 +129,8 @@ class Job:
         self.client_id = header.get("c", b"")
         self.owner = owner  # the submitter's role: only it may feed, end, attach to or cancel the job, or see it
         self.function, self.digest = list(payload[:functions]), header["d"]
+        if P.function_digest(self.function) != self.digest:
+            raise P.ProtocolError("SUBMIT whose function is not its digest's")
         self.cpu = float(header.get("cpu", 1))
         self.ram = float(header.get("ram", 0))
         self.gpu = gpu_request(header.get("gpu"))

@@ -6,6 +6,7 @@ broker and forwarded zero-copy. Inputs travel in batches of consecutive input in
 index of its first input ("i") and its length ("n").
 """
 
+import hashlib
 import itertools
 import math
 import os
@@ -21,7 +22,7 @@ VERSION = b"B5"  # bumped whenever the wire changes: a peer of another version i
 VERSION_NOTICE = b"burla-version"
 
 # client -> broker
-SUBMIT = b"S"  # {j: job id, c: client id, d: function digest, fn: frames of the function, n: inputs (if known),
+SUBMIT = b"S"  # {j: job id, c: client id, d: function_digest(its frames), fn: frames of the function, n: inputs,
 #                cpu, ram, gpu, par, o: options, pa?: {j, s}: the job and slot of the call that submits it (nested),
 #                env?: {k: key, lock, py: interpreter} or {k: "img-...", img: container image, df?: Dockerfile}
 #                (see burla.env; absent: each worker's own environment)
@@ -136,6 +137,16 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}")  # a worker id
 def window(slots):
     """Batches a client may have without all their outcomes: enough to keep every slot's prefetch full."""
     return max(4, PREFETCH * slots + 2)
+
+
+def function_digest(frames):
+    """A function's name in the slots' caches (SUBMIT's d): BLAKE2b-128 of its pickle, whatever frames carry it.
+    The broker checks it: a SUBMIT whose bytes are not its digest's would make slots run them for every later
+    job of that digest (a fuzzed SUBMIT made a real job's calls all fail with 'Ran out of input')."""
+    digest = hashlib.blake2b(digest_size=16)
+    for frame in frames:
+        digest.update(frame)
+    return digest.digest()
 
 
 def cache_function(functions, digest, value):

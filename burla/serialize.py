@@ -9,7 +9,6 @@ the frame actually shrinks; on loopback or ipc compression costs more time than 
 import array
 import collections
 import functools
-import hashlib
 import io
 import operator
 import os
@@ -23,7 +22,7 @@ import weakref
 import cloudpickle
 
 from burla import calling
-from burla.protocol import FRAME_MAX
+from burla.protocol import FRAME_MAX, function_digest
 
 COMPRESS_MIN = 64 * 1024  # smaller frames are not worth a compression attempt
 _blosc2 = None  # imported on first use: importing blosc2 costs ~0.2 s (it brings numpy)
@@ -152,7 +151,7 @@ def dumps_function(function):
     out = io.BytesIO()
     _FunctionPickler(out, protocol=5).dump(function)
     data = out.getvalue()
-    digest = hashlib.blake2b(data, digest_size=16).digest()
+    digest = function_digest((data,))
     made_of = made_of and _pickled_from(function)  # (again: _send_by_value may have sent a module by value)
     if made_of is not None:
         _pickled[function] = (made_of, data, digest)

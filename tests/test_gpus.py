@@ -16,7 +16,7 @@ from burla import env as E
 from burla import protocol as P
 from burla.broker.scheduler import Scheduler, gpu_is
 from burla.cli import detect_gpus, parse_gpus
-from test_scheduler import Wire
+from test_scheduler import DIGEST, Wire
 
 CLIENT = b"client"
 OTHER_PY = "cpython-399"  # no interpreter has it: a job or worker "of another Python"
@@ -40,7 +40,7 @@ ids = (bytes([k]) * 8 for k in itertools.count(1))
 
 def submit(s, n, **extra):
     job = next(ids)
-    s.handle(CLIENT, None, P.SUBMIT, {"j": job, "c": b"c1", "d": b"d" * 16, "fn": 1, "n": n, "cpu": 1, "ram": 1,
+    s.handle(CLIENT, None, P.SUBMIT, {"j": job, "c": b"c1", "d": DIGEST, "fn": 1, "n": n, "cpu": 1, "ram": 1,
                                       **extra}, [b"function"])
     for i in range(n):
         s.handle(CLIENT, None, P.BATCH, {"j": job, "i": i, "n": 1, "z": [0]}, [b"input"])

@@ -8,6 +8,7 @@ from burla.broker.store import Store
 
 CLIENT, WORKER, SLOT = b"client", b"worker", b"slot-0"
 JOB = b"J" * 8
+DIGEST = P.function_digest([b"function"])  # (the function these tests submit is b"function")
 
 
 class Wire:
@@ -46,7 +47,7 @@ def cluster(tmp_path, **kwargs):
 
 
 def submit(s, n, detached=False, **extra):
-    header = {"j": JOB, "c": b"c1", "d": b"d" * 16, "fn": 1, "n": n, "cpu": 1, "ram": 1, **extra}
+    header = {"j": JOB, "c": b"c1", "d": DIGEST, "fn": 1, "n": n, "cpu": 1, "ram": 1, **extra}
     if detached:
         header["dt"] = 1
     s.handle(CLIENT, None, P.SUBMIT, header, [b"function"])
@@ -151,7 +152,7 @@ def test_a_detached_job_is_spooled_runs_from_disk_and_resumes_in_a_new_scheduler
 def test_another_owner_cannot_attach_see_or_cancel_a_job(tmp_path):
     wire = Wire()
     s = Scheduler(wire.send, wire.offer, store=Store(tmp_path / "jobs", 1 << 30))
-    header = {"j": JOB, "c": b"c1", "d": b"d" * 16, "fn": 1, "n": 1}
+    header = {"j": JOB, "c": b"c1", "d": DIGEST, "fn": 1, "n": 1}
     s.handle(CLIENT, "client:aaaa", P.SUBMIT, header, [b"function"])
     s.handle(b"thief", "client:bbbb", P.ATTACH, {"j": JOB, "c": b"c9", "q": 0}, [])
     (_, _, told, _), = wire.take(b"thief", P.REJECTED)
@@ -165,7 +166,7 @@ def test_another_owner_cannot_attach_see_or_cancel_a_job(tmp_path):
 def test_a_spool_past_its_limit_refuses_detached_inputs(tmp_path):
     wire = Wire()
     s = Scheduler(wire.send, wire.offer, store=Store(tmp_path / "jobs", 4096))
-    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": b"d" * 16, "fn": 1, "dt": 1}, [b"function"])
+    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": DIGEST, "fn": 1, "dt": 1}, [b"function"])
     s.handle(CLIENT, None, P.BATCH, {"j": JOB, "i": 0, "n": 1, "z": [0]}, [b"x" * 10_000])
     (_, _, told, _), = wire.take(CLIENT, P.REJECTED)
     assert told["t"] == "spool" and "spool is full" in told["e"]
@@ -175,7 +176,7 @@ def test_a_spool_past_its_limit_refuses_detached_inputs(tmp_path):
 def test_malformed_durable_messages_are_refused_where_they_enter(tmp_path):
     s, wire, _ = cluster(tmp_path)
     for command, header in [(P.ACK, {"j": JOB, "q": -1}), (P.ATTACH, {"j": b"short", "q": 0}),
-                            (P.SEAL, {"j": JOB}), (P.SUBMIT, {"j": JOB, "d": b"d" * 16, "ls": 0}),
+                            (P.SEAL, {"j": JOB}), (P.SUBMIT, {"j": JOB, "d": DIGEST, "ls": 0}),
                             (P.JOBS, {"j": 7}), (P.ATTACH, {"j": JOB, "q": 0, "extra": 1})]:
         with pytest.raises(P.ProtocolError):
             s.handle(CLIENT, None, command, header, [])
@@ -250,7 +251,7 @@ def test_single_calls_are_cancelled_queued_or_running_and_only_by_their_owner(tm
 
 def test_job_records_name_failures_and_bars_and_a_state_stays_within_a_frame(tmp_path):
     s, wire, _ = cluster(tmp_path)
-    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": b"d" * 16, "fn": 1, "n": 40, "cpu": 1, "ram": 1,
+    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": DIGEST, "fn": 1, "n": 40, "cpu": 1, "ram": 1,
                                       "o": {"c": 1}, "nm": "my_function · cell [3]"}, [b"function"])
     for start in range(0, 40, 10):
         s.handle(CLIENT, None, P.BATCH, {"j": JOB, "i": start, "n": 10, "z": [0]}, [b"inputs"])
@@ -268,7 +269,7 @@ def test_job_records_name_failures_and_bars_and_a_state_stays_within_a_frame(tmp
     import msgpack
 
     other = b"K" * 8
-    s.handle(CLIENT, None, P.SUBMIT, {"j": other, "c": b"c1", "d": b"d" * 16, "fn": 1, "cpu": 1, "ram": 1,
+    s.handle(CLIENT, None, P.SUBMIT, {"j": other, "c": b"c1", "d": DIGEST, "fn": 1, "cpu": 1, "ram": 1,
                                       "o": {"c": 1}}, [b"function"])
     s.handle(CLIENT, None, P.BATCH, {"j": other, "i": 0, "n": 1, "z": [0]}, [b"input"])
     s.dispatch()
@@ -278,7 +279,7 @@ def test_job_records_name_failures_and_bars_and_a_state_stays_within_a_frame(tmp
     bar, = [r for r in s.state()["jobs"] if r["id"] == other.hex()][0]["bars"]  # a running job's timeline: [seq, slot, t0, t1, calls, failed]
     assert bar[0] == 1 and bar[1] == "w/0" and bar[3] - bar[2] == pytest.approx(0.5, abs=0.01) and bar[4:] == [1, 0]
     for k in range(30):  # many jobs with big failures: STATE drops what it must to stay one frame (tracebacks first)
-        s.handle(CLIENT, None, P.SUBMIT, {"j": bytes([k]) * 8, "c": b"c1", "d": b"d" * 16, "fn": 1, "cpu": 1,
+        s.handle(CLIENT, None, P.SUBMIT, {"j": bytes([k]) * 8, "c": b"c1", "d": DIGEST, "fn": 1, "cpu": 1,
                                           "ram": 1}, [b"function"])
     for job in s.jobs.values():
         job.failures = [dict(f) for f in record["failures"]]
@@ -289,7 +290,7 @@ def test_job_records_name_failures_and_bars_and_a_state_stays_within_a_frame(tmp
 
 def test_a_flood_of_single_call_cancels_costs_the_broker_little(tmp_path):
     s, wire, _ = cluster(tmp_path)
-    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": b"d" * 16, "fn": 1, "cpu": 1, "ram": 1,
+    s.handle(CLIENT, None, P.SUBMIT, {"j": JOB, "c": b"c1", "d": DIGEST, "fn": 1, "cpu": 1, "ram": 1,
                                       "o": {"c": 1, "k": 1}}, [b"function"])
     s.handle(CLIENT, None, P.BATCH, {"j": JOB, "i": 0, "n": 60_000, "z": [0]}, [b"inputs"])
     s.dispatch()
@@ -337,3 +338,22 @@ def test_a_state_of_many_big_workers_still_fits_one_frame(tmp_path):
     s.handle(CLIENT, None, P.STATUS, {}, [])
     (_, _, answer, _), = wire.take(CLIENT, P.STATUS)
     assert answer["nworkers"] == 1001
+
+
+def test_a_function_that_is_not_its_digests_is_refused_and_cannot_take_its_place(tmp_path):
+    """Slots cache a function by its digest, and the broker sends it only to a slot without it: a SUBMIT with
+    other bytes under a real function's digest would have had every later job of that digest run them (a fuzzed
+    SUBMIT made a real job's five calls all fail with 'Ran out of input')."""
+    s, wire, _ = cluster(tmp_path)
+    with pytest.raises(P.ProtocolError, match="not its digest"):
+        s.handle(CLIENT, None, P.SUBMIT, {"j": b"X" * 8, "c": b"c1", "d": DIGEST, "fn": 1, "n": 1, "cpu": 1},
+                 [b""])
+    with pytest.raises(P.ProtocolError, match="not its digest"):  # (over its frames, as the client splits it)
+        s.handle(CLIENT, None, P.SUBMIT, {"j": b"X" * 8, "c": b"c1", "d": DIGEST, "fn": 2, "n": 1, "cpu": 1},
+                 [b"function", b"function"])
+    assert b"X" * 8 not in s.jobs
+    s.handle(CLIENT, None, P.SUBMIT, {"j": b"Y" * 8, "c": b"c1", "d": DIGEST, "fn": 2, "n": 1, "cpu": 1},
+             [b"func", b"tion"])
+    submit(s, 1)
+    _, payload = run_one(s, wire)
+    assert payload == [b"function", b"input0"]  # the job's own function, in full
