@@ -216,7 +216,12 @@ class Scheduler:
         outcomes end (what was running runs again); an attached one waits for its client to attach and resend
         its batches; an ended one is kept for its retention."""
         for row in self.store.jobs():
-            job = Job(None, row["header"], self.store.function(row["id"]), row["owner"])
+            try:
+                job = Job(None, row["header"], self.store.function(row["id"]), row["owner"])
+            except P.ProtocolError as e:  # (stored by a broker that did not check it): never a broker that
+                log.warning("job %s dropped from the store: %s", row["id"].hex(), e)  # cannot start
+                self.store.drop_job(row["id"])
+                continue
             job.started, job.stored, job.client_id = row["created"], True, b""
             headers = self.store.entry_headers(job.id)
             last = headers[-1][0] if headers else 0

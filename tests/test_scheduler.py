@@ -357,3 +357,14 @@ def test_a_function_that_is_not_its_digests_is_refused_and_cannot_take_its_place
     submit(s, 1)
     _, payload = run_one(s, wire)
     assert payload == [b"function", b"input0"]  # the job's own function, in full
+
+
+def test_a_stored_job_whose_function_is_not_its_digests_is_dropped_and_the_broker_starts(tmp_path):
+    """(Stored by a broker from before the check: it must not stop the next one from starting.)"""
+    store = Store(tmp_path / "jobs", 1 << 30)
+    header = {"j": b"Z" * 8, "c": b"c1", "d": DIGEST, "fn": 1, "n": 1, "cpu": 1, "ram": 1, "dt": 1}
+    store.put_job(b"Z" * 8, None, True, header, [b"other bytes"], 0.0)
+    store.commit()
+    wire = Wire()
+    s = Scheduler(wire.send, wire.offer, store=store)
+    assert b"Z" * 8 not in s.jobs and not list(store.jobs())
