@@ -107,7 +107,10 @@ class Broker:
         except Full as e:
             log.error("what this turn wrote to the store was lost: %s", e)
             self.scheduler.lost(touched, str(e))
-            self.store.commit()  # (what ending those jobs wrote)
+            try:
+                self.store.commit()  # (what ending those jobs wrote)
+            except Full as again:  # the disk is still full: they end in memory; the checkpoint must still run,
+                log.error("how those jobs ended could not be stored either: %s", again)  # or it stays full
             self.store.checkpoint()
         self.scheduler.committed()
 
