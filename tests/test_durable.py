@@ -180,9 +180,11 @@ def test_retention_spool_limit_and_state_dir_errors(tmp_path):
         restart_broker(c, "--retention", str(3 / 86400), "--spool-gb", str(1 / 1024))  # 3 s, 1 MiB
         c.start_worker("w1", slots=2)
         c.wait_for(1)
-        # Past the spool limit, no more inputs for detached jobs (the client sees why); the broker goes on.
+        # Past the spool limit, no more inputs for detached jobs (the client sees why); the broker goes on. (Inputs
+        # of 400 kB: with 100 kB ones, a loaded machine's batches and their quick calls once kept the spool under
+        # 1 MiB all along, and nothing was refused.)
         with pytest.raises(burla.BurlaError, match="spool is full"):
-            remote_parallel_map(len, [os.urandom(100_000) for _ in range(30)], detach=True, cluster=c.address)
+            remote_parallel_map(len, [os.urandom(400_000) for _ in range(30)], detach=True, cluster=c.address)
         job = remote_parallel_map(abs, [-1, -2, -3], detach=True, cluster=c.address)
         assert job.result(timeout=30, spinner=False) == [1, 2, 3]
         # Past its retention an ended job is gone, from memory and from disk.
