@@ -8,7 +8,6 @@ import sys
 import uuid
 
 import psutil
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 100  # under pytest-timeout's 120 s, so a hung script is killed here, and its output shown
@@ -83,14 +82,14 @@ def test_bench_quick(tmp_path):
                   "| client RSS growth", "| 10,000 submit() calls"))
 
 
-@pytest.mark.timeout(240)
-def test_bench_quick_against_loky_dask_and_ray(tmp_path):
-    """The third-party peers' paths in bench.py (start, map, close), which would otherwise rot unseen: one case
-    only, since Ray starts a cluster for every case, in some 7 s alone and past 30 s beside other tests (hence
-    the longer limits). A peer that fails shows "fail", not an error: none may here."""
-    rc, out = run_benchmark(tmp_path, "benchmarks/bench.py", "--quick", "--peers", "burla,loky,dask,ray",
-                            "--cases", "tiny", "--timeout", "150", timeout=220)
-    assert_table(rc, out, "| case | goal | burla | loky | Dask distributed | Ray |", ("| 10,000 tiny calls",))
+def test_bench_quick_against_loky_and_dask(tmp_path):
+    """The third-party peers' paths in bench.py (start, map, close), which would otherwise rot unseen. Not Ray:
+    it starts a cluster for every case, in some 7 s alone and 30 to 100 s beside the other tests, which CI's
+    15 minutes cannot spare; full runs (RESULTS.md) cover it. A peer that fails shows "fail", not an error: none
+    may here."""
+    rc, out = run_benchmark(tmp_path, "benchmarks/bench.py", "--quick", "--peers", "burla,loky,dask",
+                            "--cases", "tiny", "--timeout", "60")
+    assert_table(rc, out, "| case | goal | burla | loky | Dask distributed |", ("| 10,000 tiny calls",))
     rows = [line for line in out.splitlines() if line.startswith("| 10,000 tiny calls")]
     assert not any(cell.strip() in ("fail", "timeout", "n/a") for row in rows for cell in row.split("|")), rows
 
