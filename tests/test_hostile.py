@@ -17,7 +17,7 @@ import burla
 from burla import protocol as P, remote_parallel_map, security, serialize
 from burla.client import cluster_state
 from conftest import processes_mentioning
-from test_security import SecureCluster
+from test_security import SecureCluster, burla_command
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -200,15 +200,14 @@ def test_a_worker_refused_before_it_registers_says_so_too(secure):
     """Its REGISTER sent only after the refusal (on a loaded machine): ZeroMQ then has no connection to queue it
     on, and a blocking send hung the worker, silent, instead of it saying why and stopping."""
     stranger = security.new_credential(security.WORKER, security.BrokerKeys(secure.state).public)
-    code = ("import sys, time, burla.worker.worker as w\n"
-            "register = w.Worker.register\n"
-            "def late(self):\n"
-            "    time.sleep(1.0)\n"
-            "    register(self)\n"
-            "w.Worker.register = late\n"
-            "from burla.cli import main\n"
-            f"sys.exit(main(['worker', '--broker', {secure.address!r}, '--name', 'x', '--slots', '1']))")
-    proc = subprocess.run([sys.executable, "-c", code], env=dict(secure.env, BURLA_WORKER_TOKEN=stranger),
+    prelude = ("import time, burla.worker.worker as w\n"
+               "register = w.Worker.register\n"
+               "def late(self):\n"
+               "    time.sleep(1.0)\n"
+               "    register(self)\n"
+               "w.Worker.register = late")
+    proc = subprocess.run(burla_command(["worker", "--broker", secure.address, "--name", "x", "--slots", "1"],
+                                        prelude), env=dict(secure.env, BURLA_WORKER_TOKEN=stranger),
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "refused this worker token" in proc.stderr
 

@@ -1,5 +1,6 @@
 """A TCP broker is CURVE-encrypted and admits only the credentials it issued, each held to its role."""
 
+import contextlib
 import os
 import re
 import socket
@@ -23,6 +24,29 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def burla_command(args, prelude=None):
+    """`python -m burla ARGS`, or, with a prelude (Python that breaks one of its parts), that run after it."""
+    if not prelude:
+        return [sys.executable, "-m", "burla", *args]
+    return [sys.executable, "-c", f"{prelude}\nimport sys; from burla.cli import main; sys.exit(main({list(args)!r}))"]
+
+
+@contextlib.contextmanager
+def dialled_executor(address, credential):
+    """An Executor in this process that has dialled the broker at address with credential (and nothing more)."""
+    from burla.worker.executor import Executor
+
+    executor = Executor(address, "in-test", 0, token=credential)
+    executor.ctx, executor.sock, executor.handshakes = zmq.Context(), None, None
+    try:
+        executor.dial()
+        yield executor
+    finally:
+        executor.sock.close(0)
+        executor.handshakes.close(0)
+        executor.ctx.term()
 
 
 class SecureCluster:
@@ -63,10 +87,7 @@ class SecureCluster:
         raise TimeoutError("secure cluster did not come up")
 
     def start(self, *args, env=None, **kwargs):
-        command = [sys.executable, "-m", "burla", *args]
-        if args[0] == "worker" and self.worker_prelude:
-            command = [sys.executable, "-c", f"{self.worker_prelude}\nimport sys; from burla.cli import main; "
-                       f"sys.exit(main({list(args)!r}))"]
+        command = burla_command(args, self.worker_prelude if args[0] == "worker" else None)
         proc = subprocess.Popen(command, env=env or self.env, **kwargs)
         self.procs.append(proc)
         return proc
@@ -327,13 +348,8 @@ def test_ready_after_a_refused_handshake_does_not_block(secure):
     """The cause of the above, deterministically: after a refusal a blocking send on that socket never returns
     (an executor's READY, or the RESULT of a call that ran while the broker restarted, which refuses its key until
     its worker tells it again)."""
-    from burla.worker.executor import Executor
-
     credential, _ = security.slot_credential(secure.token)  # (never announced: refused)
-    executor = Executor(secure.address, "refused", 0, token=credential)
-    executor.ctx, executor.sock, executor.handshakes = zmq.Context(), None, None
-    try:
-        executor.dial()
+    with dialled_executor(secure.address, credential) as executor:
         assert executor.handshakes.poll(5000), "no handshake event"
         time.sleep(0.1)
         for what, send in (("READY", executor.ready_unlocked),  # (and a batch's result, after a broker restart)
@@ -343,19 +359,13 @@ def test_ready_after_a_refused_handshake_does_not_block(secure):
             sent.join(3)
             assert not sent.is_alive(), f"{what} blocked on a socket whose handshake was refused"
         assert executor.handshake(), "the refusal did not make it dial again"
-    finally:
-        executor.sock.close(0)
-        executor.handshakes.close(0)
-        executor.ctx.term()
-
 
 
 def test_a_full_queue_holds_an_executors_sends_back_and_loses_none(monkeypatch):
     """The other side of never blocking on a refused socket: a broker that reads slowly (a flood of output) must
     still hold the executor back, not make it drop what it sends."""
-    from burla.worker.executor import Executor
-
     small = P.socket
+
     def socket(*args, **kwargs):  # (a short queue, to fill it fast)
         sock = small(*args, **kwargs)
         sock.sndhwm = 4
@@ -366,27 +376,22 @@ def test_a_full_queue_holds_an_executors_sends_back_and_loses_none(monkeypatch):
     router = ctx.socket(zmq.ROUTER)  # a CURVE server admitting any key (no ZAP handler), that does not read yet
     router.curve_secretkey, router.curve_publickey, router.curve_server, router.rcvhwm = secret, public, True, 4
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    executor = Executor(f"tcp://127.0.0.1:{port}", "full", 0,
-                        token=security.new_credential(security.SLOT, public))
-    executor.ctx, executor.sock, executor.handshakes = ctx, None, None
     try:
-        executor.dial()
-        assert executor.handshakes.poll(5000), "no handshake event"
-        sent = threading.Thread(target=lambda: [executor.send(P.LOG, {"k": k}, [b"x" * 65536]) for k in range(200)],
-                                daemon=True)
-        sent.start()
-        sent.join(1.5)
-        assert sent.is_alive(), "200 messages of 64 KiB did not fill the queue"
-        got = 0
-        deadline = time.monotonic() + 20
-        while got < 200 and time.monotonic() < deadline:
-            if router.poll(500):
-                router.recv_multipart()
-                got += 1
-        sent.join(5)
-        assert got == 200 and not sent.is_alive(), f"{got} of 200 arrived"
+        with dialled_executor(f"tcp://127.0.0.1:{port}", security.new_credential(security.SLOT, public)) as executor:
+            assert executor.handshakes.poll(5000), "no handshake event"
+            sent = threading.Thread(daemon=True, target=lambda: [
+                executor.send(P.LOG, {"k": k}, [b"x" * 65536]) for k in range(200)])
+            sent.start()
+            sent.join(1.5)
+            assert sent.is_alive(), "200 messages of 64 KiB did not fill the queue"
+            got = 0
+            deadline = time.monotonic() + 20
+            while got < 200 and time.monotonic() < deadline:
+                if router.poll(500):
+                    router.recv_multipart()
+                    got += 1
+            sent.join(5)
+            assert got == 200 and not sent.is_alive(), f"{got} of 200 arrived"
     finally:
-        executor.sock.close(0)
-        executor.handshakes.close(0)
         router.close(0)
         ctx.term()
